@@ -1,0 +1,78 @@
+"""Files of a run folder that Lightning does not write: training curves and the summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(csv_path: Path) -> list[dict[str, float]]:
+    """Rows of Lightning's CSVLogger file, numbers parsed, empty cells dropped."""
+    if not csv_path.is_file():
+        return []
+    rows = []
+    with open(csv_path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            parsed = {}
+            for key, value in row.items():
+                if value not in ("", None):
+                    try:
+                        parsed[key] = float(value)
+                    except ValueError:
+                        continue
+            rows.append(parsed)
+    return rows
+
+
+def series(rows: list[dict[str, float]], key: str, x_key: str = "step") -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for row in rows:
+        if key in row and x_key in row and math.isfinite(row[key]):
+            xs.append(row[x_key])
+            ys.append(row[key])
+    return xs, ys
+
+
+def best_val_epoch(rows: list[dict[str, float]]) -> dict[str, float] | None:
+    """The epoch row with the highest ``val/knn_top1`` (first one on ties), or None."""
+    best = None
+    for row in rows:
+        if "val/knn_top1" in row and (best is None or row["val/knn_top1"] > best["val/knn_top1"]):
+            best = row
+    return best
+
+
+def plot_curves(rows: list[dict[str, float]], out_png: Path, title: str) -> None:
+    """Training loss per step and kNN top-1 per epoch, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x, y = series(rows, "train/loss_step") if series(rows, "train/loss_step")[0] else series(rows, "train/loss")
+    ax_loss.plot(x, y, lw=1)
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    for key, label in (("test/knn_top1", "test kNN"), ("val/knn_top1", "val kNN (held out from train)")):
+        x, y = series(rows, key, "epoch")
+        if x:
+            ax_knn.plot([e + 1 for e in x], y, marker="o", ms=3, label=label)
+    ax_knn.set_xlabel("epoch")
+    ax_knn.set_ylabel("kNN top-1")
+    ax_knn.set_ylim(0, 1)
+    ax_knn.grid(alpha=0.3)
+    if ax_knn.lines:
+        ax_knn.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

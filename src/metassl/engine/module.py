@@ -1,0 +1,175 @@
+"""The LightningModule: one manual-optimization code path for every method and regularizer."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from metassl.engine.optim import build_optimizer, lr_lambda
+from metassl.engine.step import training_step
+from metassl.eval.knn import knn_accuracy
+from metassl.methods import build_method
+from metassl.models.backbones import build_backbone
+from metassl.regularizers import build_regularizer
+
+
+def _kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k != "name"}
+
+
+class SSLModule(L.LightningModule):
+    """Base method + regularizer, trained with manual optimization.
+
+    ``cfg`` is the resolved configuration as a plain dict (it is saved in every checkpoint,
+    so ``SSLModule.load_from_checkpoint(path)`` rebuilds the model without the CLI).
+    Validation runs the kNN monitor: dataloader 0 is the labelled train split (the bank,
+    with a held-out validation part), dataloader 1 the test split.
+    """
+
+    def __init__(self, cfg: dict[str, Any], num_classes: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg, "num_classes": num_classes})
+        self.cfg = cfg
+        self.automatic_optimization = False
+        backbone, feat_dim = build_backbone(**cfg["backbone"])
+        self.method = build_method(cfg["method"]["name"], backbone, feat_dim, **_kwargs(cfg["method"]))
+        self.regularizer = build_regularizer(cfg["regularizer"]["name"], self.method, **_kwargs(cfg["regularizer"]))
+        self.num_classes = int(num_classes)
+        self.knn_val_mask: torch.Tensor | None = None  # True where a bank sample is held out for validation
+        self._val_feats: list[list[torch.Tensor]] = [[], []]
+        self._val_labels: list[list[torch.Tensor]] = [[], []]
+        self._val_index: list[list[torch.Tensor]] = [[], []]
+
+    # -- features --------------------------------------------------------------------------
+    def eval_transform(self) -> nn.Module | None:
+        if self.cfg["eval"]["features"] == "raw":
+            return None
+        return self.regularizer.eval_transform()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.method.backbone(x).flatten(1)
+        transform = self.eval_transform()
+        return transform(h) if transform is not None else h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    # -- optimization ----------------------------------------------------------------------
+    def _global_batch(self) -> int:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return int(self.cfg["batch_size"]) * max(1, world)
+
+    def configure_optimizers(self):
+        opt_cfg, sched_cfg = self.cfg["optimizer"], self.cfg["scheduler"]
+        lr = float(opt_cfg["lr"])
+        if opt_cfg["scale_lr"]:
+            lr = lr * self._global_batch() / 256
+        named = list(self.method.named_parameters()) + [
+            (f"regularizer.{n}", p) for n, p in self.regularizer.named_parameters() if any(p is q for q in self.regularizer.encoder_parameters())
+        ]
+        encoder_opt = build_optimizer(opt_cfg, named, lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        self.total_steps = max(1, total)
+        steps_per_epoch = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        warmup = 0 if sched_cfg["name"] == "cosine" else int(sched_cfg["warmup_epochs"] * steps_per_epoch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            encoder_opt, lr_lambda(sched_cfg["name"], total, warmup, sched_cfg["min_lr_ratio"])
+        )
+        optimizers, schedulers = [encoder_opt], [schedule]
+        if self.regularizer.bilevel:
+            meta = self.regularizer.configure_meta_optimizer(total)
+            if meta is None:
+                raise RuntimeError(f"regularizer {self.regularizer.name!r} is bilevel but returned no meta optimizer")
+            meta_opt, meta_sched = meta
+            optimizers.append(meta_opt)
+            if meta_sched is not None:
+                schedulers.append(meta_sched)
+        return optimizers, schedulers
+
+    def on_fit_start(self) -> None:
+        if self.cfg["trainer"]["channels_last"]:
+            self.method.to(memory_format=torch.channels_last)
+
+    def training_step(self, batch, batch_idx):
+        views, labels = batch[0], batch[1]
+        if self.cfg["trainer"]["channels_last"]:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        encoder_opt = optimizers[0]
+        meta_opt = optimizers[1].optimizer if len(optimizers) > 1 else None
+        clip = self.cfg["trainer"]["gradient_clip_val"]
+
+        def step_encoder() -> None:
+            if clip:
+                self.clip_gradients(encoder_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            encoder_opt.step()
+
+        progress = min(1.0, self.global_step / max(1, getattr(self, "total_steps", 1)))
+        logs = training_step(
+            self.method,
+            self.regularizer,
+            views,
+            labels,
+            encoder_opt.optimizer,
+            meta_opt,
+            progress=progress,
+            global_step=self.global_step,
+            backward=self.manual_backward,
+            step_encoder=step_encoder,
+            distributed=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
+        )
+        schedulers = self.lr_schedulers()
+        for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+            sched.step()
+        logs["lr"] = encoder_opt.optimizer.param_groups[0]["lr"]
+        batch_size = views[0].shape[0]
+        self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=batch_size, sync_dist=False)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
+
+    # -- kNN monitor -----------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_feats, self._val_labels, self._val_index = [[], []], [[], []], [[], []]
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x, y = batch[0], batch[1]
+        if self.cfg["trainer"]["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.features(x).float()
+        self._val_feats[dataloader_idx].append(feats)
+        self._val_labels[dataloader_idx].append(y)
+        self._val_index[dataloader_idx].append(batch[2])
+
+    def _gathered(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features, labels and dataset indices of loader ``i`` from all ranks, each sample once
+        (the distributed sampler pads ranks with repeated samples)."""
+        parts = [torch.cat(p) for p in (self._val_feats[i], self._val_labels[i], self._val_index[i])]
+        if self.trainer.world_size > 1:
+            parts = [self.all_gather(p).flatten(0, 1) for p in parts]
+            index = parts[2]
+            order = torch.argsort(index, stable=True)
+            sorted_index = index[order]
+            first = torch.ones_like(sorted_index, dtype=torch.bool)
+            first[1:] = sorted_index[1:] != sorted_index[:-1]
+            keep = order[first]
+            parts = [p[keep] for p in parts]
+        return parts[0], parts[1], parts[2]
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_feats[0] or not self._val_feats[1]:
+            return
+        bank, bank_y, index = self._gathered(0)
+        test, test_y, _ = self._gathered(1)
+        k, t = int(self.cfg["eval"]["knn"]["k"]), float(self.cfg["eval"]["knn"]["t"])
+        metrics = {"test/knn_top1": knn_accuracy(bank, bank_y, test, test_y, self.num_classes, k=k, t=t)}
+        if self.knn_val_mask is not None:
+            held_out = self.knn_val_mask.to(index.device)[index]
+            metrics["val/knn_top1"] = knn_accuracy(
+                bank[~held_out], bank_y[~held_out], bank[held_out], bank_y[held_out], self.num_classes, k=k, t=t
+            )
+        self.log_dict(metrics, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self._val_feats, self._val_labels, self._val_index = [[], []], [[], []], [[], []]

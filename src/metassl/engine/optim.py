@@ -1,0 +1,94 @@
+"""Encoder optimizers (SGD, LARS, AdamW) and the per-step learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with layer-wise adaptive rate scaling (You et al., 2017, Alg. 1), as used by SimCLR/BYOL.
+
+    The trust ratio ``eta * ||w|| / (||g|| + wd * ||w||)`` scales each parameter's update;
+    groups with ``lars_exclude=True`` (biases, norm layers) get neither the trust ratio nor
+    weight decay.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if not group["lars_exclude"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def _is_excluded(name: str, param: nn.Parameter) -> bool:
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, exclude_bias_and_norm: bool) -> list[dict[str, Any]]:
+    """Two groups: decayed weights, and biases/norm parameters (no decay) when excluded."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        (no_decay if exclude_bias_and_norm and _is_excluded(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+    return groups
+
+
+def build_optimizer(cfg: Mapping[str, Any], named_params: Iterable[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
+    """Encoder optimizer from the ``optimizer`` config section at learning rate ``lr``."""
+    groups = param_groups(named_params, cfg["weight_decay"], cfg["exclude_bias_and_norm"])
+    name = cfg["name"]
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], eta=cfg["lars_eta"])
+    for g in groups:
+        g.pop("lars_exclude", None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg["weight_decay"])
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd, lars or adamw")
+
+
+def lr_lambda(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):
+    """Multiplier of the base lr at optimizer step ``s`` (linear warm-up, then cosine or constant)."""
+    total_steps = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        start = warmup_steps if name == "warmup_cosine" else 0
+        progress = min(1.0, (step - start) / max(1, total_steps - start))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,224 @@
+"""``metassl train``: data, model, Lightning Trainer, run folder, summary."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from metassl.config import ConfigError
+from metassl.data import DataBundle, build_data
+from metassl.engine.artifacts import best_val_epoch, plot_curves, read_metrics, write_summary
+from metassl.engine.evaluation import evaluate_backbone, knn_key
+from metassl.engine.module import SSLModule
+from metassl.methods.base import get_method_class
+
+
+class IndexedDataset(Dataset):
+    """Wraps a ``(x, y)`` dataset to also return the sample index (for the kNN validation split)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i][:2]
+        return x, y, i
+
+
+def resolve_num_workers(value: Any) -> int:
+    if value != "auto":
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1)) if cores > 2 else 0
+
+
+def default_output_dir(cfg: DictConfig) -> Path:
+    parts = [cfg.method.name] + ([cfg.regularizer.name] if cfg.regularizer.name != "none" else []) + [cfg.data.name]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{'-'.join(parts)}-{stamp}"
+
+
+def knn_val_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Seeded held-out part of the labelled train split, used to select the best checkpoint."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    n_val = int(round(n * fraction))
+    if n_val > 0:
+        mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val]] = True
+    return mask
+
+
+def _check_runtime(cfg: DictConfig) -> None:
+    cuda = torch.cuda.is_available()
+    accel = cfg.trainer.accelerator
+    if accel in ("gpu", "cuda") and not cuda:
+        raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
+    on_cpu = accel == "cpu" or not cuda
+    if on_cpu and str(cfg.trainer.precision) == "16-mixed":
+        raise ConfigError("trainer.precision=16-mixed needs a GPU; on CPU use trainer.precision=bf16-mixed")
+    if on_cpu and cfg.trainer.sync_batchnorm:
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm fails on CPU); set it to false")
+
+
+def _resolve_resume(cfg: DictConfig, out: Path) -> str | None:
+    last = out / "checkpoints" / "last.ckpt"
+    if cfg.resume is None:
+        if last.exists():
+            raise ConfigError(
+                f"{out} already holds a run (checkpoints/last.ckpt); pass resume=auto to continue it or choose another output_dir"
+            )
+        return None
+    if cfg.resume == "auto":
+        return str(last) if last.exists() else None
+    if not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file")
+    return str(cfg.resume)
+
+
+def build_module_config(cfg: DictConfig, bundle: DataBundle) -> dict[str, Any]:
+    """The resolved plain-dict config stored in checkpoints (backbone stem decided from the data)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    if plain["backbone"].get("cifar_stem") is None:
+        plain["backbone"]["cifar_stem"] = bundle.image_size <= 64
+    return plain
+
+
+def make_loaders(cfg: DictConfig, bundle: DataBundle) -> tuple[DataLoader, list[DataLoader]]:
+    workers = resolve_num_workers(cfg.num_workers)
+    pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
+    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    if len(bundle.train_ssl) < cfg.batch_size:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the training set ({len(bundle.train_ssl)} images); lower batch_size"
+        )
+    train = DataLoader(bundle.train_ssl, batch_size=cfg.batch_size, shuffle=True, drop_last=True, **common)
+    val = [
+        DataLoader(IndexedDataset(ds), batch_size=cfg.eval.batch_size, shuffle=False, **common)
+        for ds in (bundle.train_eval, bundle.test)
+    ]
+    return train, val
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train, evaluate, and write the run folder. Returns the summary dict."""
+    _check_runtime(cfg)
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+    ckpt_path = _resolve_resume(cfg, out)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    method_cls = get_method_class(cfg.method.name)
+    bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=method_cls.augmentation, num_views=2)
+    module_cfg = build_module_config(cfg, bundle)
+    module = SSLModule(module_cfg, num_classes=bundle.num_classes)
+    module.knn_val_mask = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
+    if cfg.trainer.compile:
+        module.method.backbone = torch.compile(module.method.backbone)
+    train_loader, val_loaders = make_loaders(cfg, bundle)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(module_cfg)))
+    loggers: list = [CSVLogger(save_dir=str(out), name="", version="")]
+    use_tb = cfg.logger.tensorboard
+    if use_tb == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            use_tb = True
+        except ImportError:
+            use_tb = False
+    if use_tb:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
+    if not cfg.logger.csv:
+        loggers = loggers[1:]
+
+    checkpoint = ModelCheckpoint(
+        dirpath=str(out / "checkpoints"), filename="best", monitor="val/knn_top1", mode="max", save_last=True, save_top_k=1
+    )
+    trainer = L.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        max_steps=cfg.trainer.max_steps,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        sync_batchnorm=cfg.trainer.sync_batchnorm,
+        deterministic=cfg.trainer.deterministic,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        check_val_every_n_epoch=cfg.eval.knn.every_n_epochs,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint],
+        logger=loggers,
+        default_root_dir=str(out),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return {}
+    return finish_run(cfg, module, trainer, bundle, out, train_seconds)
+
+
+def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: DataBundle, out: Path, train_seconds: float) -> dict[str, Any]:
+    """Final evaluation on the last weights, curves, regularizer artefacts and summary.json."""
+    k, t = int(cfg.eval.knn.k), float(cfg.eval.knn.t)
+    pairs = [(k, t)] + [tuple(p) for p in cfg.eval.knn_extra]
+    device = module.device
+    module.eval()
+    results = evaluate_backbone(
+        module.method.backbone,
+        module.eval_transform(),
+        bundle,
+        knn_pairs=pairs,
+        linear=OmegaConf.to_container(cfg.eval.linear) if cfg.eval.linear_probe else None,
+        val_fraction=float(cfg.eval.val_fraction),
+        batch_size=int(cfg.eval.batch_size),
+        device=device,
+        seed=int(cfg.seed),
+    )
+    rows = read_metrics(out / "metrics.csv")
+    best = best_val_epoch(rows)
+    test_by_epoch = [r["test/knn_top1"] for r in rows if "test/knn_top1" in r]
+    summary = {
+        "knn_top1": results[knn_key(k, t)],
+        "knn": {"k": k, "t": t, "split": "test", "weights": "last epoch", "bank": "labelled train split"},
+        "knn_top1_best_val": best.get("test/knn_top1") if best else None,
+        "best_val_epoch": int(best["epoch"]) + 1 if best else None,
+        "knn_top1_max_over_epochs_test_selected": max(test_by_epoch) if test_by_epoch else None,
+        "epochs": int(trainer.current_epoch),
+        "steps": int(trainer.global_step),
+        "method": cfg.method.name,
+        "regularizer": cfg.regularizer.name,
+        "backbone": cfg.backbone.name,
+        "dataset": cfg.data.name,
+        "seed": int(cfg.seed),
+        "batch_size": int(cfg.batch_size),
+        "world_size": int(trainer.world_size),
+        "precision": str(cfg.trainer.precision),
+        "eval_features": cfg.eval.features,
+        "train_seconds": round(train_seconds, 1),
+        "torch": torch.__version__,
+        "output_dir": str(out),
+        **{key: value for key, value in results.items() if key != knn_key(k, t)},
+    }
+    module.regularizer.on_train_end(out)
+    title = f"{cfg.method.name} + {cfg.regularizer.name} | {cfg.backbone.name} | {cfg.data.name}"
+    plot_curves(rows, out / "curves.png", title)
+    write_summary(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,62 @@
+"""Config composition and validation: presets, overrides, one-line errors."""
+
+import pytest
+
+from metassl.config import available_presets, load_config
+from metassl.errors import ConfigError
+
+
+def test_default_composition():
+    cfg = load_config([])
+    assert cfg.method.name == "simclr"
+    assert cfg.regularizer.name == "none"
+    assert cfg.data.name == "builtin"
+    assert cfg.backbone.name == "convnet_small"
+
+
+def test_group_and_value_overrides():
+    cfg = load_config(["method=byol", "backbone=resnet18", "trainer.max_epochs=7", "data=cifar10", "data.root=/x"])
+    assert cfg.method.name == "byol" and cfg.backbone.name == "resnet18"
+    assert cfg.trainer.max_epochs == 7 and cfg.data.root == "/x"
+
+
+def test_every_preset_composes():
+    for group in ("method", "regularizer", "data", "backbone", "protocol"):
+        for name in available_presets(group):
+            load_config([f"{group}={name}"])
+
+
+def test_smoke_protocol_sets_tiny_run():
+    cfg = load_config(["protocol=smoke"])
+    assert cfg.trainer.max_steps > 0 and cfg.data.subset is not None
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("trainer.max_epoch=3", "did you mean 'trainer.max_epochs'"),
+        ("method=simclrr", "unknown method preset 'simclrr'"),
+        ("trainer.max_epochs=abc", "trainer.max_epochs"),
+        ("optimizer.name=rmsprop", "choose one of"),
+        ("batch_size=0", "must be > 0"),
+        ("+method.tau=3", "method.tau"),
+        ("+foo=1", "unknown config key 'foo'"),
+        ("eval.features=pre", "choose one of"),
+    ],
+)
+def test_bad_config_is_one_clear_line(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_extra_yaml_file_is_merged_and_validated(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("trainer:\n  max_epochs: 3\n")
+    assert load_config([], extra_files=[good]).trainer.max_epochs == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epohcs: 3\n")
+    with pytest.raises(ConfigError, match="max_epochs"):
+        load_config([], extra_files=[bad])

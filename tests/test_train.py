@@ -1,0 +1,101 @@
+"""End-to-end: `metassl train` smoke runs, the run folder, resume, eval and export."""
+
+import json
+
+import pytest
+import torch
+
+from metassl.cli import main
+from metassl.methods import METHODS
+
+SUMMARY_KEYS = {"knn_top1", "epochs", "method", "regularizer", "backbone", "dataset", "seed"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "simclr"
+    args = ["train", "protocol=smoke", f"output_dir={out}", "data.num_train=160", "data.num_test=60",
+            "method.proj_hidden_dim=64", "method.proj_output_dim=32", "trainer.max_steps=4"]
+    assert main(args) == 0
+    return out
+
+
+def test_run_folder_contents(trained_run):
+    out = trained_run
+    for name in ("config.yaml", "metrics.csv", "summary.json", "curves.png", "checkpoints/last.ckpt"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert 0.0 <= summary["knn_top1"] <= 1.0
+    assert summary["method"] == "simclr" and summary["dataset"] == "builtin" and summary["steps"] == 4
+    metrics = (out / "metrics.csv").read_text()
+    assert "train/loss" in metrics
+
+
+def test_existing_run_is_not_overwritten(trained_run, capsys):
+    before = (trained_run / "checkpoints" / "last.ckpt").read_bytes()
+    code = main(["train", "protocol=smoke", f"output_dir={trained_run}", "data.num_train=160", "data.num_test=60"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "resume=auto" in err and len(err.splitlines()) == 1
+    assert (trained_run / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_resume_auto_continues(trained_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(trained_run, out)
+    args = ["train", "protocol=smoke", f"output_dir={out}", "data.num_train=160", "data.num_test=60",
+            "method.proj_hidden_dim=64", "method.proj_output_dim=32", "trainer.max_steps=6", "trainer.max_epochs=2",
+            "resume=auto"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6
+
+
+def test_eval_knn_and_linear(trained_run, capsys, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    assert main(["eval", "knn", "--ckpt", str(ckpt), "eval.knn.k=5", "eval.knn.t=1.0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 <= result["knn_top1_k5_t1"] <= 1.0
+    out = tmp_path / "linear.json"
+    assert main(["eval", "linear", "--ckpt", str(ckpt), "eval.linear.epochs=3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"linear_top1_last", "linear_top1_best_val", "linear_best_epoch"} <= set(result)
+
+
+def test_eval_rejects_training_overrides(trained_run, capsys):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    assert main(["eval", "knn", "--ckpt", str(ckpt), "method.temperature=0.1"]) == 2
+    assert "only eval.*" in capsys.readouterr().err
+
+
+def test_export_loads_into_plain_backbone(trained_run, tmp_path):
+    from metassl.engine.checkpoint import load_module
+    from metassl.models.backbones import build_backbone
+
+    out = tmp_path / "backbone.pt"
+    assert main(["export", "--ckpt", str(trained_run / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
+    state = torch.load(out, weights_only=True)
+    model, _ = build_backbone("convnet_small", cifar_stem=True)
+    model.load_state_dict(state, strict=True)
+    module = load_module(trained_run / "checkpoints" / "last.ckpt")
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(x).flatten(1), module.method.backbone(x).flatten(1))
+
+
+def test_missing_checkpoint_is_one_line(capsys, tmp_path):
+    assert main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "b.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains(method, tmp_path):
+    overrides = ["train", "protocol=smoke", f"method={method}", f"output_dir={tmp_path / method}",
+                 "data.num_train=160", "data.num_test=60", "trainer.max_steps=2", "eval.linear_probe=false"]
+    small = {"moco_v2": ["method.queue_size=64"]}
+    assert main(overrides + small.get(method, [])) == 0
+    summary = json.loads((tmp_path / method / "summary.json").read_text())
+    assert summary["method"] == method and summary["steps"] == 2
