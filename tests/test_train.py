@@ -1,5 +1,6 @@
 """End-to-end: `metassl train` smoke runs, the run folder, resume, eval and export."""
 
+import csv
 import json
 
 import pytest
@@ -15,7 +16,7 @@ SUMMARY_KEYS = {"knn_top1", "epochs", "method", "regularizer", "backbone", "data
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "simclr"
     args = ["train", "protocol=smoke", f"output_dir={out}", "data.num_train=160", "data.num_test=60",
-            "method.proj_hidden_dim=64", "method.proj_output_dim=32", "trainer.max_steps=4"]
+            "method.proj_hidden_dim=64", "method.proj_output_dim=32", "trainer.max_steps=-1"]
     assert main(args) == 0
     return out
 
@@ -27,7 +28,7 @@ def test_run_folder_contents(trained_run):
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert 0.0 <= summary["knn_top1"] <= 1.0
-    assert summary["method"] == "simclr" and summary["dataset"] == "builtin" and summary["steps"] == 4
+    assert summary["method"] == "simclr" and summary["dataset"] == "builtin" and summary["steps"] == 4  # 128 images / batch 32
     metrics = (out / "metrics.csv").read_text()
     assert "train/loss" in metrics
 
@@ -47,11 +48,14 @@ def test_resume_auto_continues(trained_run, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(trained_run, out)
     args = ["train", "protocol=smoke", f"output_dir={out}", "data.num_train=160", "data.num_test=60",
-            "method.proj_hidden_dim=64", "method.proj_output_dim=32", "trainer.max_steps=6", "trainer.max_epochs=2",
+            "method.proj_hidden_dim=64", "method.proj_output_dim=32", "trainer.max_steps=-1", "trainer.max_epochs=2",
             "resume=auto"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 6
+    assert summary["steps"] == 8 and summary["epochs"] == 2
+    # the first run's metrics are kept: steps 0..7 all present
+    steps = {int(float(r["step"])) for r in csv.DictReader(open(out / "metrics.csv")) if r.get("train/loss")}
+    assert steps == set(range(8))
 
 
 def test_eval_knn_and_linear(trained_run, capsys, tmp_path):

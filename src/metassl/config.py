@@ -118,7 +118,8 @@ def _check_types(cfg: DictConfig) -> None:
 
 def _check_groups(cfg: DictConfig) -> None:
     """Group sections are validated against their builders' signatures."""
-    from metassl.data import data_config_keys
+    from metassl.data import validate_data_config
+    from metassl.errors import DataError
     from metassl.methods import METHODS
     from metassl.methods.base import method_hparams
     from metassl.models.backbones import build_backbone
@@ -142,9 +143,9 @@ def _check_groups(cfg: DictConfig) -> None:
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     check("backbone", [k for k, p in inspect.signature(build_backbone).parameters.items() if p.kind in kinds])
     try:
-        check("data", data_config_keys(cfg.data.name))
-    except KeyError as err:
-        raise ConfigError(str(err).strip("'\"")) from None
+        validate_data_config(OmegaConf.to_container(cfg.data, resolve=True))
+    except DataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate(cfg: DictConfig) -> DictConfig:

@@ -27,6 +27,36 @@ def read_metrics(csv_path: Path) -> list[dict[str, float]]:
     return rows
 
 
+def set_aside_metrics(out: Path) -> None:
+    """Before a resumed run: keep the earlier ``metrics.csv`` (Lightning's CSV logger rewrites it)."""
+    current = out / "metrics.csv"
+    if current.is_file():
+        n = len(list(out.glob("metrics.part*.csv")))
+        current.rename(out / f"metrics.part{n}.csv")
+
+
+def merge_metrics(out: Path) -> None:
+    """Join the parts set aside by :func:`set_aside_metrics` and the current file into ``metrics.csv``."""
+    parts = sorted(out.glob("metrics.part*.csv"), key=lambda p: int(p.stem.split("part")[1]))
+    if not parts:
+        return
+    files = parts + ([out / "metrics.csv"] if (out / "metrics.csv").is_file() else [])
+    rows, columns = [], []
+    for path in files:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns += [c for c in reader.fieldnames or [] if c not in columns]
+            rows += list(reader)
+    tmp = out / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out / "metrics.csv")
+    for path in parts:
+        path.unlink()
+
+
 def series(rows: list[dict[str, float]], key: str, x_key: str = "step") -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for row in rows:

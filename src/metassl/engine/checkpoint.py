@@ -12,8 +12,8 @@ from metassl.config import validate
 from metassl.data import build_data
 from metassl.engine.evaluation import evaluate_backbone
 from metassl.engine.module import SSLModule
+from metassl.engine.train import augmentation_for
 from metassl.errors import ConfigError, MetasslError
-from metassl.methods.base import get_method_class
 
 
 def load_module(ckpt: str | Path) -> SSLModule:
@@ -48,7 +48,7 @@ def evaluate_checkpoint(ckpt: str | Path, protocol: str, overrides: Iterable[str
     """``metassl eval knn|linear``: kNN (main + ``eval.knn_extra`` pairs) or the linear probe."""
     module = load_module(ckpt)
     cfg = _apply_overrides(module.cfg, overrides)
-    bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=get_method_class(cfg.method.name).augmentation)
+    bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=augmentation_for(cfg.method.name))
     module.cfg = OmegaConf.to_container(cfg, resolve=True)
     pairs = [(int(cfg.eval.knn.k), float(cfg.eval.knn.t))] + [tuple(p) for p in cfg.eval.knn_extra]
     results = evaluate_backbone(

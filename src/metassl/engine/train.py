@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from metassl.config import ConfigError
 from metassl.data import DataBundle, build_data
-from metassl.engine.artifacts import best_val_epoch, plot_curves, read_metrics, write_summary
+from metassl.engine.artifacts import best_val_epoch, merge_metrics, plot_curves, read_metrics, set_aside_metrics, write_summary
 from metassl.engine.evaluation import evaluate_backbone, knn_key
 from metassl.engine.module import SSLModule
 from metassl.methods.base import get_method_class
@@ -35,6 +35,13 @@ class IndexedDataset(Dataset):
     def __getitem__(self, i: int):
         x, y = self.dataset[i][:2]
         return x, y, i
+
+
+def augmentation_for(method_name: str) -> str:
+    """The method's own augmentation recipe if the data layer has one, else its family."""
+    from metassl.data.transforms import ALIASES
+
+    return method_name if method_name in ALIASES else get_method_class(method_name).augmentation
 
 
 def resolve_num_workers(value: Any) -> int:
@@ -117,8 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = _resolve_resume(cfg, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    method_cls = get_method_class(cfg.method.name)
-    bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=method_cls.augmentation, num_views=2)
+    bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=augmentation_for(cfg.method.name), num_views=2)
     module_cfg = build_module_config(cfg, bundle)
     module = SSLModule(module_cfg, num_classes=bundle.num_classes)
     module.knn_val_mask = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
@@ -127,6 +133,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_loader, val_loaders = make_loaders(cfg, bundle)
 
     out.mkdir(parents=True, exist_ok=True)
+    if ckpt_path is not None:
+        set_aside_metrics(out)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(module_cfg)))
     loggers: list = [CSVLogger(save_dir=str(out), name="", version="")]
     use_tb = cfg.logger.tensorboard
@@ -192,6 +200,7 @@ def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: D
         device=device,
         seed=int(cfg.seed),
     )
+    merge_metrics(out)
     rows = read_metrics(out / "metrics.csv")
     best = best_val_epoch(rows)
     test_by_epoch = [r["test/knn_top1"] for r in rows if "test/knn_top1" in r]

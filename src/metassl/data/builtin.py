@@ -1,0 +1,352 @@
+"""Built-in offline dataset: procedurally generated coloured shapes on textured backgrounds.
+
+Ten shape classes (disc, square, triangle, cross, star, ring, bar, diamond, hexagon,
+crescent) with random colour, size, position and rotation are drawn, anti-aliased, on one
+of ten background texture families (stripes, checkerboard, smooth noise, gradient, dots,
+concentric rings, grid, waves, plaid, sunburst) in random colours.  Everything is a
+deterministic function of ``seed`` and the split; the first ``n`` images of a split do not
+depend on how many images are generated.  The per-pixel foreground masks and the
+background family of each image are kept for analysis of background confounding:
+``background_class_correlation`` is the probability that an image's background family is
+tied to its class (family = class) instead of drawn uniformly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as tF
+
+from .datasets import ImageDataset
+from .utils import atomic_torch_save, cache_key, try_load_cache
+
+SHAPES = ("disc", "square", "triangle", "cross", "star", "ring", "bar", "diamond", "hexagon", "crescent")
+BACKGROUNDS = (
+    "stripes", "checkerboard", "noise", "gradient", "dots",
+    "concentric", "grid", "waves", "plaid", "sunburst",
+)
+SPLITS = {"train": 0, "test": 1}
+
+_GENERATOR_VERSION = 1
+_CHUNK = 512  # images rendered per vectorised chunk; fixed so results never depend on N
+_SUPERSAMPLE = 2  # anti-aliasing factor
+_NOISE_GRID = 5  # coarse grid of the smooth-noise background
+_NUM_PARAMS = 32 + _NOISE_GRID * _NOISE_GRID  # uniform numbers drawn per image
+
+
+@dataclass
+class BuiltinArrays:
+    """Generated split: images (N,3,H,W) uint8, labels (N,), masks (N,H,W) uint8 0/1, backgrounds (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+    backgrounds: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Vectorised HSV → RGB, all in [0, 1]; returns (..., 3)."""
+    t = np.mod(np.array([5.0, 3.0, 1.0]) + h[..., None] * 6.0, 6.0)
+    f = np.clip(np.minimum(t, 4.0 - t), 0.0, 1.0)
+    return v[..., None] - v[..., None] * s[..., None] * f
+
+
+def _rot(x: np.ndarray, y: np.ndarray, ang: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c, s = np.cos(ang), np.sin(ang)
+    return x * c + y * s, -x * s + y * c
+
+
+def _col(a: np.ndarray) -> np.ndarray:
+    """(n,) → (n, 1, 1) for broadcasting against (1, H, W) grids."""
+    return a[:, None, None].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def _shape_coverage(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean inside-test of shape ``cls`` in local coordinates (unit ≈ shape radius)."""
+    au, av = np.abs(u), np.abs(v)
+    name = SHAPES[cls]
+    if name == "disc":
+        return u * u + v * v < 1.0
+    if name == "square":
+        return np.maximum(au, av) < 0.8
+    if name == "triangle":
+        return (v > -0.55) & (v < 1.0 - math.sqrt(3.0) * au)
+    if name == "cross":
+        return ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95))
+    if name == "star":
+        r = np.sqrt(u * u + v * v)
+        frac = np.mod(np.arctan2(v, u) * (5.0 / (2.0 * math.pi)), 1.0)
+        d = np.abs(frac - 0.5) * 2.0  # 1 at the tips, 0 between them
+        return r < 0.42 + 0.63 * d
+    if name == "ring":
+        r2 = u * u + v * v
+        return (r2 < 1.0) & (r2 > 0.55**2)
+    if name == "bar":
+        return (au < 1.0) & (av < 0.3)
+    if name == "diamond":
+        return au + av / 0.55 < 1.0
+    if name == "hexagon":
+        return np.maximum(av, 0.866 * au + 0.5 * av) < 0.85
+    if name == "crescent":
+        return (u * u + v * v < 1.0) & ((u - 0.5) ** 2 + v * v > 0.8**2)
+    raise ValueError(cls)
+
+
+# ----------------------------------------------------------------------------- backgrounds
+
+
+def _background_field(fam: int, X: np.ndarray, Y: np.ndarray, P: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Texture value t in [0, 1] of family ``fam`` for images with parameter rows ``P``.
+
+    X, Y are (1, H, W) coordinates in [0, 1]; ``grid`` (n, g*g) feeds the smooth noise.
+    Returns (n, H, W).
+    """
+    n = P.shape[0]
+    ang = _col(P[:, 0] * math.pi)
+    freq = _col(2.0 + P[:, 1] * 5.0)  # cycles per image
+    phase = _col(P[:, 2] * 2.0 * math.pi)
+    a, b = _rot(X - 0.5, Y - 0.5, ang)
+    name = BACKGROUNDS[fam]
+    if name == "stripes":
+        sharp = _col(1.0 + P[:, 3] * 5.0)
+        return np.clip(0.5 + 0.5 * sharp * np.sin(2 * math.pi * freq * a + phase), 0.0, 1.0)
+    if name == "checkerboard":
+        f = freq * 0.8
+        return np.mod(np.floor(a * f + P[:, 3, None, None]) + np.floor(b * f + P[:, 4, None, None]), 2.0)
+    if name == "noise":
+        coarse = torch.from_numpy(grid.astype(np.float32).reshape(n, 1, _NOISE_GRID, _NOISE_GRID))
+        fine = tF.interpolate(coarse, size=X.shape[-2:], mode="bicubic", align_corners=False)[:, 0].numpy()
+        lo = fine.min(axis=(1, 2), keepdims=True)
+        hi = fine.max(axis=(1, 2), keepdims=True)
+        return (fine - lo) / np.maximum(hi - lo, 1e-6)
+    if name == "gradient":
+        steep = _col(0.8 + P[:, 3] * 1.2)
+        return np.clip(0.5 + steep * a, 0.0, 1.0)
+    if name == "dots":
+        f = freq * 0.9
+        da = np.mod(a * f + P[:, 3, None, None], 1.0) - 0.5
+        db = np.mod(b * f + P[:, 4, None, None], 1.0) - 0.5
+        rad = _col(0.18 + P[:, 5] * 0.17)
+        return (da * da + db * db < rad * rad).astype(np.float32)
+    if name == "concentric":
+        cx, cy = _col(P[:, 3]), _col(P[:, 4])
+        dist = np.sqrt((X - cx) ** 2 + (Y - cy) ** 2)
+        return 0.5 + 0.5 * np.sin(2 * math.pi * freq * dist + phase)
+    if name == "grid":
+        f = freq * 0.8
+        w = _col(0.08 + P[:, 5] * 0.12)
+        fa = np.abs(np.mod(a * f + P[:, 3, None, None], 1.0) - 0.5)
+        fb = np.abs(np.mod(b * f + P[:, 4, None, None], 1.0) - 0.5)
+        return ((fa > 0.5 - w) | (fb > 0.5 - w)).astype(np.float32)
+    if name == "waves":
+        amp = _col(0.3 + P[:, 3] * 1.2)
+        f2 = _col(1.0 + P[:, 4] * 2.0)
+        return 0.5 + 0.5 * np.sin(2 * math.pi * freq * a + amp * np.sin(2 * math.pi * f2 * b) * math.pi + phase)
+    if name == "plaid":
+        f2 = _col(2.0 + P[:, 3] * 5.0)
+        return 0.5 + 0.25 * np.sin(2 * math.pi * freq * a + phase) + 0.25 * np.sin(2 * math.pi * f2 * b)
+    if name == "sunburst":
+        cx, cy = _col(0.2 + 0.6 * P[:, 3]), _col(0.2 + 0.6 * P[:, 4])
+        rays = _col(np.floor(4 + P[:, 5] * 9))
+        theta = np.arctan2(Y - cy, X - cx)
+        return np.clip(0.5 + 1.5 * np.sin(rays * theta + phase), 0.0, 1.0)
+    raise ValueError(fam)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _draw_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Labels in shuffled blocks of ``num_classes``: balanced and prefix-stable."""
+    blocks = -(-n // num_classes)
+    return np.concatenate([rng.permutation(num_classes) for _ in range(blocks)])[:n]
+
+
+def _render_chunk(
+    labels: np.ndarray, fams: np.ndarray, U: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one chunk; returns images (n, 3, S, S) uint8 and masks (n, S, S) uint8.
+
+    ``rng`` only draws the per-pixel sensor noise, in one call, so a prefix of a chunk
+    renders identically.
+    """
+    n = len(labels)
+    ss = _SUPERSAMPLE
+    hs = size * ss
+    coords = (np.arange(hs, dtype=np.float32) + 0.5) / ss  # pixel units
+    Xp = coords[None, None, :]
+    Yp = coords[None, :, None]
+    X, Y = Xp / size, Yp / size
+
+    # --- colours: background pair c1, c2 and foreground, all (n, 3)
+    c1 = _hsv_to_rgb(U[:, 0], 0.15 + 0.75 * U[:, 1], 0.25 + 0.75 * U[:, 2])
+    c2 = _hsv_to_rgb(np.mod(U[:, 0] + 0.15 + 0.7 * U[:, 3], 1.0), 0.1 + 0.8 * U[:, 4], 0.2 + 0.8 * U[:, 5])
+    contrast = 0.35 + 0.65 * U[:, 6]  # how far c2 is mixed in
+    c2 = c1 + (c2 - c1) * contrast[:, None]
+    fg = _hsv_to_rgb(U[:, 7], 0.45 + 0.55 * U[:, 8], 0.5 + 0.5 * U[:, 9])
+    # keep the object visible: if it is close to either background colour, move it away
+    dist = np.minimum(np.linalg.norm(fg - c1, axis=1), np.linalg.norm(fg - c2, axis=1))
+    close = dist < 0.45
+    bg_bright = (c1 + c2).mean(axis=1) / 2.0
+    dark = bg_bright > 0.5
+    alt = _hsv_to_rgb(
+        np.mod(U[:, 7] + 0.5, 1.0),
+        0.6 + 0.4 * U[:, 8],
+        np.where(dark, 0.08 + 0.2 * U[:, 9], 0.85 + 0.15 * U[:, 9]),
+    )
+    fg = np.where(close[:, None], alt, fg)
+    c1, c2, fg = (c.astype(np.float32) for c in (c1, c2, fg))
+
+    # --- background texture
+    t = np.empty((n, hs, hs), dtype=np.float32)
+    for fam in np.unique(fams):
+        idx = np.nonzero(fams == fam)[0]
+        t[idx] = _background_field(int(fam), X, Y, U[idx, 10:16], U[idx, 32:])
+    img = c1[:, :, None, None] + (c2 - c1)[:, :, None, None] * t[:, None]
+
+    # --- shape geometry (pixel units)
+    radius = size * (0.2 + 0.13 * U[:, 16])
+    margin = 0.75 * radius
+    cx = margin + U[:, 17] * (size - 2 * margin)
+    cy = margin + U[:, 18] * (size - 2 * margin)
+    rot = U[:, 19] * 2.0 * math.pi
+    du, dv = _rot(Xp - _col(cx), Yp - _col(cy), _col(rot))
+    du /= _col(radius)
+    dv /= _col(radius)
+    inside = np.zeros((n, hs, hs), dtype=bool)
+    for cls in np.unique(labels):
+        idx = np.nonzero(labels == cls)[0]
+        inside[idx] = _shape_coverage(int(cls), du[idx], dv[idx])
+
+    # --- shaded foreground, composited at the supersampled resolution
+    light = _col(U[:, 20] * 2.0 * math.pi)
+    gx, gy = (Xp - _col(cx)) / _col(radius), (Yp - _col(cy)) / _col(radius)
+    shade = 1.0 + 0.18 * (gx * np.cos(light) + gy * np.sin(light))
+    fgimg = np.clip(fg[:, :, None, None] * shade[:, None], 0.0, 1.0, dtype=np.float32)
+    img = np.where(inside[:, None], fgimg, img)
+
+    # --- downsample (box filter) and add mild sensor noise
+    img_t = tF.avg_pool2d(torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)), ss)
+    cov = tF.avg_pool2d(torch.from_numpy(inside.astype(np.float32))[:, None], ss)[:, 0]
+    noise_std = 0.01 + 0.03 * U[:, 21]
+    noise = rng.standard_normal((n, 3, size, size), dtype=np.float32) * noise_std[:, None, None, None].astype(np.float32)
+    out = np.clip(img_t.numpy() + noise, 0.0, 1.0)
+    images = np.round(out * 255.0).astype(np.uint8)
+    masks = (cov.numpy() >= 0.5).astype(np.uint8)
+    return images, masks
+
+
+def generate_builtin(
+    num_images: int,
+    split: str = "train",
+    image_size: int = 32,
+    num_classes: int = 10,
+    seed: int = 0,
+    background_class_correlation: float = 0.0,
+) -> BuiltinArrays:
+    """Generate one split (no caching; see :func:`load_builtin`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if not 2 <= num_classes <= len(SHAPES):
+        raise ValueError(f"num_classes must be in [2, {len(SHAPES)}], got {num_classes}")
+    if not 0.0 <= background_class_correlation <= 1.0:
+        raise ValueError(f"background_class_correlation must be in [0, 1], got {background_class_correlation}")
+    sid = SPLITS[split]
+    labels = _draw_labels(num_images, num_classes, np.random.default_rng([seed, sid, 0]))
+    U = np.random.default_rng([seed, sid, 1]).random((num_images, _NUM_PARAMS))
+    random_fam = np.minimum((U[:, 30] * len(BACKGROUNDS)).astype(np.int64), len(BACKGROUNDS) - 1)
+    tied = U[:, 31] < background_class_correlation
+    fams = np.where(tied, labels % len(BACKGROUNDS), random_fam)
+
+    images = np.empty((num_images, 3, image_size, image_size), dtype=np.uint8)
+    masks = np.empty((num_images, image_size, image_size), dtype=np.uint8)
+    for k, start in enumerate(range(0, num_images, _CHUNK)):
+        sl = slice(start, min(start + _CHUNK, num_images))
+        rng = np.random.default_rng([seed, sid, 2, k])
+        images[sl], masks[sl] = _render_chunk(labels[sl], fams[sl], U[sl], image_size, rng)
+    return BuiltinArrays(
+        images=torch.from_numpy(images),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        masks=torch.from_numpy(masks),
+        backgrounds=torch.from_numpy(fams.astype(np.int64)),
+    )
+
+
+_MEMORY_CACHE: dict[str, BuiltinArrays] = {}
+
+
+def load_builtin(
+    num_images: int,
+    split: str = "train",
+    image_size: int = 32,
+    num_classes: int = 10,
+    seed: int = 0,
+    background_class_correlation: float = 0.0,
+    root: str | os.PathLike | None = None,
+) -> BuiltinArrays:
+    """Generate a split once per process (memory cache) and optionally cache it under ``root``."""
+    params = {
+        "v": _GENERATOR_VERSION, "n": int(num_images), "split": split, "size": int(image_size),
+        "classes": int(num_classes), "seed": int(seed), "corr": float(background_class_correlation),
+    }
+    key = cache_key(params)
+    if key in _MEMORY_CACHE:
+        return _MEMORY_CACHE[key]
+    path = Path(root).expanduser() / "builtin" / f"shapes_{split}_{key}.pt" if root is not None else None
+    arrays = None
+    if path is not None:
+        blob = try_load_cache(path)
+        if isinstance(blob, dict) and blob.get("params") == params:
+            arrays = BuiltinArrays(blob["images"], blob["labels"], blob["masks"], blob["backgrounds"])
+    if arrays is None:
+        arrays = generate_builtin(num_images, split, image_size, num_classes, seed, background_class_correlation)
+        if path is not None:
+            atomic_torch_save({"params": params, **arrays.__dict__}, path)
+    _MEMORY_CACHE[key] = arrays
+    return arrays
+
+
+class BuiltinShapes(ImageDataset):
+    """The built-in shapes dataset as an :class:`ImageDataset`.
+
+    Attributes: ``images`` (N,3,H,W) uint8, ``labels`` (N,), ``masks`` (N,H,W) uint8 with 1 on
+    the object, ``backgrounds`` (N,) background family index into :data:`BACKGROUNDS`.
+    ``return_mask=True`` makes items ``(image_or_views, label, mask_or_masks)``.
+    """
+
+    _per_sample_attrs = ("backgrounds",)
+    classes = SHAPES
+    background_names = BACKGROUNDS
+
+    def __init__(
+        self,
+        split: str = "train",
+        num_images: int | None = None,
+        image_size: int = 32,
+        num_classes: int = 10,
+        seed: int = 0,
+        background_class_correlation: float = 0.0,
+        root: str | os.PathLike | None = None,
+        transform: Callable[[Any], Any] | None = None,
+        return_mask: bool = False,
+    ):
+        if num_images is None:
+            num_images = 5000 if split == "train" else 1000
+        arrays = load_builtin(num_images, split, image_size, num_classes, seed, background_class_correlation, root)
+        super().__init__(arrays.images, arrays.labels, transform, arrays.masks, return_mask)
+        self.backgrounds = arrays.backgrounds
+        self.split = split
+        self.num_classes = num_classes
+        self.classes = SHAPES[:num_classes]

@@ -1,0 +1,203 @@
+"""Data config schema: defaults per dataset, key validation, value checks.
+
+A data config is a flat mapping (plain dict, or anything ``Mapping``-like such as an
+OmegaConf ``DictConfig``) with a nested ``aug`` mapping of augmentation strengths.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import DataConfigError
+
+DATASET_NAMES = ("builtin", "cifar10", "cifar100", "stl10", "imagefolder")
+
+NORMALIZATIONS = ("imagenet", "dataset", "cifar", "cifar10", "cifar100", "stl10", "none")
+
+#: Augmentation strength keys; ``None`` means "the family's default".  Every value may be
+#: a number or a list of numbers (one per view, cycled when there are more views).
+AUG_DEFAULTS: dict[str, Any] = {
+    "crop_scale_min": None,
+    "crop_scale_max": None,
+    "flip_p": None,
+    "jitter_p": None,
+    "brightness": None,
+    "contrast": None,
+    "saturation": None,
+    "hue": None,
+    "grayscale_p": None,
+    "blur_p": None,
+    "blur_sigma_min": None,
+    "blur_sigma_max": None,
+    "solarize_p": None,
+}
+
+_COMMON: dict[str, Any] = {
+    "name": None,
+    "root": None,
+    "image_size": 32,
+    "normalization": "imagenet",
+    "mean": None,
+    "std": None,
+    "subset": None,
+    "test_subset": None,
+    "aug": {},
+}
+
+_SPECIFIC: dict[str, dict[str, Any]] = {
+    "builtin": {
+        "num_train": 5000,
+        "num_test": 1000,
+        "num_classes": 10,
+        "seed": 0,
+        "background_class_correlation": 0.0,
+        "test_background_class_correlation": 0.0,
+        "return_mask": False,
+    },
+    "cifar10": {"download": False},
+    "cifar100": {"download": False},
+    "stl10": {"download": False, "image_size": 96, "in_memory": True, "use_unlabeled": True},
+    "imagefolder": {
+        "train_dir": None,
+        "eval_train_dir": None,
+        "test_dir": None,
+        "labelled": True,
+        "in_memory": True,
+        "load_size": None,
+        "cache_dir": None,
+        "decode_workers": None,
+    },
+}
+
+
+def default_data_config(name: str) -> dict[str, Any]:
+    """Full default config for dataset ``name`` (a fresh copy)."""
+    if name not in _SPECIFIC:
+        raise DataConfigError(f"unknown dataset name {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    cfg = copy.deepcopy(_COMMON)
+    cfg.update(copy.deepcopy(_SPECIFIC[name]))
+    cfg["name"] = name
+    cfg["aug"] = dict(AUG_DEFAULTS)
+    return cfg
+
+
+def data_config_keys(name: str) -> set[str]:
+    """Valid top-level keys of a data config for dataset ``name``."""
+    return set(default_data_config(name))
+
+
+def aug_config_keys() -> set[str]:
+    """Valid keys of the nested ``aug`` mapping."""
+    return set(AUG_DEFAULTS)
+
+
+def to_plain(obj: Any) -> Any:
+    """Recursively convert Mapping / non-string Sequence containers to dict / list."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _unknown(where: str, bad: set[str], valid: set[str]) -> DataConfigError:
+    return DataConfigError(
+        f"unknown {where} key(s) {', '.join(sorted(bad))}; valid keys: {', '.join(sorted(valid))}"
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise DataConfigError(msg)
+
+
+def validate_data_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``cfg`` and return it merged over the dataset's defaults.
+
+    Raises :class:`DataConfigError` (one line) on unknown keys or invalid values.
+    """
+    if not isinstance(cfg, Mapping):
+        raise DataConfigError(f"data config must be a mapping, got {type(cfg).__name__}")
+    user = to_plain(cfg)
+    name = user.get("name")
+    if name is None:
+        raise DataConfigError(f"data config needs a 'name'; valid names: {', '.join(DATASET_NAMES)}")
+    out = default_data_config(str(name))
+    bad = set(user) - set(out)
+    if bad:
+        raise _unknown(f"data config ({name})", bad, set(out))
+    aug_user = user.pop("aug", None) or {}
+    _check(isinstance(aug_user, dict), f"data.aug must be a mapping, got {type(aug_user).__name__}")
+    bad = set(aug_user) - set(AUG_DEFAULTS)
+    if bad:
+        raise _unknown("data.aug", bad, set(AUG_DEFAULTS))
+    out.update(user)
+    out["aug"].update(aug_user)
+    _check_values(out)
+    return out
+
+
+def _check_values(c: dict[str, Any]) -> None:
+    name = c["name"]
+    _check(_is_int(c["image_size"]) and c["image_size"] >= 8, f"data.image_size must be an int >= 8, got {c['image_size']!r}")
+    norm = c["normalization"]
+    _check(norm in NORMALIZATIONS, f"data.normalization must be one of {', '.join(NORMALIZATIONS)}; got {norm!r}")
+    for key in ("mean", "std"):
+        v = c[key]
+        _check(
+            v is None or (isinstance(v, list) and len(v) == 3 and all(_is_num(x) for x in v)),
+            f"data.{key} must be null or a list of 3 numbers, got {v!r}",
+        )
+    _check((c["mean"] is None) == (c["std"] is None), "data.mean and data.std must be given together")
+    if c["std"] is not None:
+        _check(all(x > 0 for x in c["std"]), f"data.std must be positive, got {c['std']!r}")
+    for key in ("subset", "test_subset"):
+        v = c[key]
+        _check(v is None or (_is_int(v) and v > 0), f"data.{key} must be null or a positive int, got {v!r}")
+    for key in ("root", "train_dir", "eval_train_dir", "test_dir", "cache_dir"):
+        if key in c:
+            v = c[key]
+            _check(v is None or isinstance(v, (str, os.PathLike)), f"data.{key} must be null or a path, got {v!r}")
+            c[key] = None if v is None else os.fspath(v)
+    for key in ("download", "in_memory", "use_unlabeled", "labelled", "return_mask"):
+        if key in c:
+            _check(isinstance(c[key], bool), f"data.{key} must be true or false, got {c[key]!r}")
+    if name == "builtin":
+        for key in ("num_train", "num_test"):
+            _check(_is_int(c[key]) and c[key] > 0, f"data.{key} must be a positive int, got {c[key]!r}")
+        _check(_is_int(c["seed"]) and c["seed"] >= 0, f"data.seed must be a non-negative int, got {c['seed']!r}")
+        _check(
+            _is_int(c["num_classes"]) and 2 <= c["num_classes"] <= 10,
+            f"data.num_classes must be an int in [2, 10] for builtin, got {c['num_classes']!r}",
+        )
+        for key in ("background_class_correlation", "test_background_class_correlation"):
+            v = c[key]
+            _check(_is_num(v) and 0.0 <= v <= 1.0, f"data.{key} must be in [0, 1], got {v!r}")
+    if name == "imagefolder":
+        v = c["load_size"]
+        _check(v is None or (_is_int(v) and v >= 8), f"data.load_size must be null or an int >= 8, got {v!r}")
+        v = c["decode_workers"]
+        _check(v is None or (_is_int(v) and v >= 1), f"data.decode_workers must be null or an int >= 1, got {v!r}")
+    for key, v in c["aug"].items():
+        if v is None:
+            continue
+        vals = v if isinstance(v, list) else [v]
+        _check(
+            len(vals) > 0 and all(_is_num(x) and x >= 0 for x in vals),
+            f"data.aug.{key} must be a non-negative number or a list of them, got {v!r}",
+        )
+        if key.endswith("_p") or key.startswith("crop_scale"):
+            _check(all(x <= 1 for x in vals), f"data.aug.{key} must be <= 1, got {v!r}")
+        if key == "hue":
+            _check(all(x <= 0.5 for x in vals), f"data.aug.hue must be <= 0.5, got {v!r}")
