@@ -91,7 +91,7 @@ def _first(ds: ImageDataset | None, n: int | None) -> ImageDataset | None:
 def _build_builtin(c: dict[str, Any]) -> _Splits:
     common = dict(
         image_size=c["image_size"], num_classes=c["num_classes"], seed=c["seed"], root=c["root"],
-        return_mask=c["return_mask"],
+        return_mask=c["return_mask"], background_contrast=c["background_contrast"],
     )
     train = BuiltinShapes(
         "train", c["num_train"], background_class_correlation=c["background_class_correlation"], **common

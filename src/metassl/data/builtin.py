@@ -33,7 +33,7 @@ BACKGROUNDS = (
 )
 SPLITS = {"train": 0, "test": 1}
 
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _CHUNK = 512  # images rendered per vectorised chunk; fixed so results never depend on N
 _SUPERSAMPLE = 2  # anti-aliasing factor
 _NOISE_GRID = 5  # coarse grid of the smooth-noise background
@@ -175,7 +175,12 @@ def _draw_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarr
 
 
 def _render_chunk(
-    labels: np.ndarray, fams: np.ndarray, U: np.ndarray, size: int, rng: np.random.Generator
+    labels: np.ndarray,
+    fams: np.ndarray,
+    U: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    background_contrast: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one chunk; returns images (n, 3, S, S) uint8 and masks (n, S, S) uint8.
 
@@ -193,7 +198,7 @@ def _render_chunk(
     # --- colours: background pair c1, c2 and foreground, all (n, 3)
     c1 = _hsv_to_rgb(U[:, 0], 0.15 + 0.75 * U[:, 1], 0.25 + 0.75 * U[:, 2])
     c2 = _hsv_to_rgb(np.mod(U[:, 0] + 0.15 + 0.7 * U[:, 3], 1.0), 0.1 + 0.8 * U[:, 4], 0.2 + 0.8 * U[:, 5])
-    contrast = 0.35 + 0.65 * U[:, 6]  # how far c2 is mixed in
+    contrast = (0.35 + 0.65 * U[:, 6]) * background_contrast  # how far c2 is mixed in
     c2 = c1 + (c2 - c1) * contrast[:, None]
     fg = _hsv_to_rgb(U[:, 7], 0.45 + 0.55 * U[:, 8], 0.5 + 0.5 * U[:, 9])
     # keep the object visible: if it is close to either background colour, move it away
@@ -217,7 +222,7 @@ def _render_chunk(
     img = c1[:, :, None, None] + (c2 - c1)[:, :, None, None] * t[:, None]
 
     # --- shape geometry (pixel units)
-    radius = size * (0.2 + 0.13 * U[:, 16])
+    radius = size * (0.26 + 0.14 * U[:, 16])
     margin = 0.75 * radius
     cx = margin + U[:, 17] * (size - 2 * margin)
     cy = margin + U[:, 18] * (size - 2 * margin)
@@ -255,14 +260,21 @@ def generate_builtin(
     num_classes: int = 10,
     seed: int = 0,
     background_class_correlation: float = 0.0,
+    background_contrast: float = 1.0,
 ) -> BuiltinArrays:
-    """Generate one split (no caching; see :func:`load_builtin`)."""
+    """Generate one split (no caching; see :func:`load_builtin`).
+
+    ``background_contrast`` scales the amplitude of the background texture (0 = flat colour,
+    1 = full-contrast textures): a strong texture shared by two crops of one image is a shortcut
+    that contrastive learning picks up instead of the shape (the background confounder)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if not 2 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in [2, {len(SHAPES)}], got {num_classes}")
     if not 0.0 <= background_class_correlation <= 1.0:
         raise ValueError(f"background_class_correlation must be in [0, 1], got {background_class_correlation}")
+    if not 0.0 <= background_contrast <= 1.0:
+        raise ValueError(f"background_contrast must be in [0, 1], got {background_contrast}")
     sid = SPLITS[split]
     labels = _draw_labels(num_images, num_classes, np.random.default_rng([seed, sid, 0]))
     U = np.random.default_rng([seed, sid, 1]).random((num_images, _NUM_PARAMS))
@@ -275,7 +287,7 @@ def generate_builtin(
     for k, start in enumerate(range(0, num_images, _CHUNK)):
         sl = slice(start, min(start + _CHUNK, num_images))
         rng = np.random.default_rng([seed, sid, 2, k])
-        images[sl], masks[sl] = _render_chunk(labels[sl], fams[sl], U[sl], image_size, rng)
+        images[sl], masks[sl] = _render_chunk(labels[sl], fams[sl], U[sl], image_size, rng, background_contrast)
     return BuiltinArrays(
         images=torch.from_numpy(images),
         labels=torch.from_numpy(labels.astype(np.int64)),
@@ -295,11 +307,13 @@ def load_builtin(
     seed: int = 0,
     background_class_correlation: float = 0.0,
     root: str | os.PathLike | None = None,
+    background_contrast: float = 1.0,
 ) -> BuiltinArrays:
     """Generate a split once per process (memory cache) and optionally cache it under ``root``."""
     params = {
         "v": _GENERATOR_VERSION, "n": int(num_images), "split": split, "size": int(image_size),
         "classes": int(num_classes), "seed": int(seed), "corr": float(background_class_correlation),
+        "contrast": float(background_contrast),
     }
     key = cache_key(params)
     if key in _MEMORY_CACHE:
@@ -311,7 +325,9 @@ def load_builtin(
         if isinstance(blob, dict) and blob.get("params") == params:
             arrays = BuiltinArrays(blob["images"], blob["labels"], blob["masks"], blob["backgrounds"])
     if arrays is None:
-        arrays = generate_builtin(num_images, split, image_size, num_classes, seed, background_class_correlation)
+        arrays = generate_builtin(
+            num_images, split, image_size, num_classes, seed, background_class_correlation, background_contrast
+        )
         if path is not None:
             atomic_torch_save({"params": params, **arrays.__dict__}, path)
     _MEMORY_CACHE[key] = arrays
@@ -341,10 +357,13 @@ class BuiltinShapes(ImageDataset):
         root: str | os.PathLike | None = None,
         transform: Callable[[Any], Any] | None = None,
         return_mask: bool = False,
+        background_contrast: float = 1.0,
     ):
         if num_images is None:
             num_images = 5000 if split == "train" else 1000
-        arrays = load_builtin(num_images, split, image_size, num_classes, seed, background_class_correlation, root)
+        arrays = load_builtin(
+            num_images, split, image_size, num_classes, seed, background_class_correlation, root, background_contrast
+        )
         super().__init__(arrays.images, arrays.labels, transform, arrays.masks, return_mask)
         self.backgrounds = arrays.backgrounds
         self.split = split

@@ -55,6 +55,7 @@ _SPECIFIC: dict[str, dict[str, Any]] = {
         "seed": 0,
         "background_class_correlation": 0.0,
         "test_background_class_correlation": 0.0,
+        "background_contrast": 0.3,
         "return_mask": False,
     },
     "cifar10": {"download": False},
@@ -181,7 +182,7 @@ def _check_values(c: dict[str, Any]) -> None:
             _is_int(c["num_classes"]) and 2 <= c["num_classes"] <= 10,
             f"data.num_classes must be an int in [2, 10] for builtin, got {c['num_classes']!r}",
         )
-        for key in ("background_class_correlation", "test_background_class_correlation"):
+        for key in ("background_class_correlation", "test_background_class_correlation", "background_contrast"):
             v = c[key]
             _check(_is_num(v) and 0.0 <= v <= 1.0, f"data.{key} must be in [0, 1], got {v!r}")
     if name == "imagefolder":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +119,18 @@ def make_loaders(cfg: DictConfig, bundle: DataBundle) -> tuple[DataLoader, list[
     return train, val
 
 
+def _quiet_lightning() -> None:
+    """Drop Lightning messages that mislead here: the run folder is ours (config.yaml is written
+    before the CSV logger starts, and resumed runs keep their earlier metrics), and the tips."""
+    warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate, and write the run folder. Returns the summary dict."""
+    _quiet_lightning()
     _check_runtime(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     ckpt_path = _resolve_resume(cfg, out)
@@ -126,7 +138,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=augmentation_for(cfg.method.name), num_views=2)
     module_cfg = build_module_config(cfg, bundle)
-    module = SSLModule(module_cfg, num_classes=bundle.num_classes)
+    try:
+        module = SSLModule(module_cfg, num_classes=bundle.num_classes)
+    except (ValueError, KeyError) as err:  # a hyper-parameter the builders reject, e.g. metamask grad_mode
+        raise ConfigError(str(err).strip("'\"").splitlines()[0]) from None
     module.knn_val_mask = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
     if cfg.trainer.compile:
         module.method.backbone = torch.compile(module.method.backbone)
@@ -152,8 +167,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.logger.csv:
         loggers = loggers[1:]
 
+    has_val = float(cfg.eval.val_fraction) > 0
     checkpoint = ModelCheckpoint(
-        dirpath=str(out / "checkpoints"), filename="best", monitor="val/knn_top1", mode="max", save_last=True, save_top_k=1
+        dirpath=str(out / "checkpoints"),
+        filename="best",
+        monitor="val/knn_top1" if has_val else None,
+        mode="max",
+        save_last=True,
+        save_top_k=1 if has_val else 0,
     )
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs,
