@@ -292,6 +292,16 @@ def test_imagefolder_labelled(tmp_path):
     assert set(sub.train_eval.labels.tolist()) == {0, 1}  # spread over the sorted folder
 
 
+def test_imagefolder_relative_root(tmp_path, monkeypatch):
+    """A relative data.root (e.g. ../shared/data/cifar10) resolves once, not twice."""
+    _write_images(tmp_path / "x" / "data" / "train" / "a", 3)
+    _write_images(tmp_path / "x" / "data" / "test" / "a", 2, seed=1)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    b = build_data({"name": "imagefolder", "root": "../x/data"})
+    assert len(b.train_ssl) == 3 and len(b.train_eval) == 3 and len(b.test) == 2
+
+
 def test_imagefolder_unlabelled(tmp_path):
     _write_images(tmp_path / "unl" / "a" / "b", 3)
     _write_images(tmp_path / "unl", 2, ext="jpg", seed=1)

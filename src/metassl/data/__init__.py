@@ -139,6 +139,8 @@ def _resolve_dir(c: dict[str, Any], key: str, default: str | None) -> Path | Non
 def _build_imagefolder(c: dict[str, Any]) -> _Splits:
     if c["root"] is None and c["train_dir"] is None:
         raise DataConfigError("imagefolder needs data.root (with train/ and test/ inside) or an explicit data.train_dir")
+    if c["root"] is not None:  # absolute, so that derived folders are not joined to it twice
+        c = {**c, "root": str(Path(c["root"]).expanduser().resolve())}
     size = c["load_size"] or c["image_size"]
     labelled = c["labelled"]
     train_dir = _resolve_dir(c, "train_dir", "train")
