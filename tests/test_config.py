@@ -60,3 +60,22 @@ def test_extra_yaml_file_is_merged_and_validated(tmp_path):
     bad.write_text("trainer:\n  max_epohcs: 3\n")
     with pytest.raises(ConfigError, match="max_epochs"):
         load_config([], extra_files=[bad])
+
+
+def test_cli_config_and_presets(capsys):
+    from metassl.cli import main
+
+    assert main(["config", "method=vicreg", "trainer.max_epochs=3"]) == 0
+    text = capsys.readouterr().out
+    assert "name: vicreg" in text and "max_epochs: 3" in text
+    assert main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    assert "method: barlow_twins, byol, moco_v2, simclr, simsiam, vicreg" in listing
+
+
+def test_cli_bad_override_is_one_line(capsys):
+    from metassl.cli import main
+
+    assert main(["train", "trainer.max_epoch=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("metassl: error: unknown config key 'trainer.max_epoch'")
