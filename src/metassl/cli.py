@@ -8,6 +8,7 @@ Examples::
     metassl eval knn --ckpt runs/x/checkpoints/last.ckpt eval.knn.k=20
     metassl eval linear --ckpt runs/x/checkpoints/last.ckpt
     metassl export --ckpt runs/x/checkpoints/last.ckpt --out backbone.pt
+    metassl bench speed --quick
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "speed":
+        from metassl.bench.speed import main as speed_main
+
+        return speed_main(args.bench_args)
+    raise AssertionError(args.what)
+
+
 def _config(args: argparse.Namespace) -> int:
     from metassl.config import load_config, to_yaml
 
@@ -90,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("bench", help="benchmarks: `metassl bench speed --help`")
+    p.add_argument("what", choices=["speed"])
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    p.set_defaults(func=_bench)
+
     p = sub.add_parser("config", help="print the resolved configuration")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--config", action="append")
@@ -102,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench speed` belongs to the benchmark's own parser
+        args = parser.parse_args(argv[:2])
+        args.bench_args = argv[2:]
+        return args.func(args)
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if "=" not in item or item.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):

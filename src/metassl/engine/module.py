@@ -104,11 +104,18 @@ class SSLModule(L.LightningModule):
         meta_opt = optimizers[1].optimizer if len(optimizers) > 1 else None
         clip = self.cfg["trainer"]["gradient_clip_val"]
 
-        def step_encoder() -> None:
+        def backward(loss: torch.Tensor) -> None:
+            # clip right after backward, so regularizers reading .grad before the step see
+            # exactly the gradient the optimizer will use (Lightning unscales 16-mixed grads
+            # before clipping, so the loss scale no longer applies then)
+            self.manual_backward(loss)
             if clip:
                 self.clip_gradients(encoder_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-            encoder_opt.step()
 
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        grad_scale = None
+        if scaler is not None and scaler.is_enabled() and not clip:
+            grad_scale = lambda: float(scaler.get_scale())  # noqa: E731
         progress = min(1.0, self.global_step / max(1, getattr(self, "total_steps", 1)))
         logs = training_step(
             self.method,
@@ -119,8 +126,9 @@ class SSLModule(L.LightningModule):
             meta_opt,
             progress=progress,
             global_step=self.global_step,
-            backward=self.manual_backward,
-            step_encoder=step_encoder,
+            backward=backward,
+            step_encoder=encoder_opt.step,
+            grad_scale=grad_scale,
             distributed=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
         )
         schedulers = self.lr_schedulers()

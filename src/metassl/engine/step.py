@@ -46,11 +46,15 @@ def training_step(
     backward: Callable[[torch.Tensor], None] | None = None,
     step_encoder: Callable[[], None] | None = None,
     distributed: bool = False,
+    grad_scale: Callable[[], float | None] | None = None,
 ) -> dict[str, torch.Tensor | float]:
     """Real encoder step, then (bilevel regularizers) the meta step, then per-step updates.
 
     ``backward`` / ``step_encoder`` default to ``loss.backward()`` / ``encoder_optimizer.step()``;
-    the engine passes Lightning's precision-aware versions.  Returns detached scalars to log.
+    the engine passes Lightning's precision-aware versions, and ``grad_scale`` (the loss scale of
+    16-mixed training: ``.grad`` holds scaled gradients until the optimizer step) so that
+    regularizers reading ``.grad`` in ``before_encoder_step`` can unscale it
+    (``ctx.cache["grad_scale"]``).  Returns detached scalars to log.
     """
     backward = backward or (lambda loss: loss.backward())
     step_encoder = step_encoder or encoder_optimizer.step
@@ -69,6 +73,8 @@ def training_step(
         global_step=global_step,
         distributed=distributed,
     )
+    if grad_scale is not None:
+        ctx.cache["grad_scale"] = grad_scale()
     reg.before_encoder_step(ctx)
     step_encoder()
 

@@ -63,35 +63,54 @@ def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 class _GatherWithGrad(torch.autograd.Function):
     """``all_gather`` along dim 0 whose backward all-reduces (sums) the gradient and
-    returns this rank's slice."""
+    returns this rank's slice.
+
+    New-style (``setup_context``) with a ``jvp`` and a differentiable backward, so that
+    ``torch.func`` transforms (forward-over-reverse second-order meta-gradients) and double
+    backward work under DDP: the tangent is gathered like the input, and the backward is
+    itself built from the differentiable :class:`_AllReduceSum`.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.n = x.shape[0]
+    def forward(x: torch.Tensor) -> torch.Tensor:
         return _all_gather_cat(x)
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.n = inputs[0].shape[0]
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.n
-        return grad[start : start + ctx.n]
+        return _AllReduceSum.apply(grad)[start : start + ctx.n]
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return _all_gather_cat(tangent)
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """``all_reduce(SUM)`` whose backward is again ``all_reduce(SUM)`` of the gradient."""
+    """``all_reduce(SUM)`` whose backward (and jvp) is again ``all_reduce(SUM)``."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         y = x.contiguous().clone()
         dist.all_reduce(y, op=dist.ReduceOp.SUM)
         return y
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+        return _AllReduceSum.apply(grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        y = tangent.contiguous().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,17 @@
-"""Regularizers that plug into any base method, registered by name."""
+"""Regularizers: plug-ins over any base method, registered by name in :data:`REGULARIZERS`.
 
-from metassl.regularizers.base import (
-    REGULARIZERS,
-    Regularizer,
-    StepContext,
-    build_regularizer,
-    register_regularizer,
-    regularizer_hparams,
-)
+Importing this package imports every regularizer module so that the registry is full.
+"""
 
-__all__ = ["REGULARIZERS", "Regularizer", "StepContext", "build_regularizer", "register_regularizer", "regularizer_hparams"]
+from metassl.regularizers.base import REGULARIZERS, Regularizer, StepContext, build_regularizer, register_regularizer, regularizer_hparams
+from metassl.regularizers.metamask import MetaMask
+
+__all__ = [
+    "REGULARIZERS",
+    "Regularizer",
+    "StepContext",
+    "build_regularizer",
+    "register_regularizer",
+    "regularizer_hparams",
+    "MetaMask",
+]

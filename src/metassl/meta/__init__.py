@@ -1,0 +1,28 @@
+"""The virtual-step meta-gradient engine shared by the bilevel regularizers (MetaMask,
+MetAug, ICL-MSR): :func:`meta_gradient` with ``first_order``, exact ``second_order`` and
+``finite_difference`` modes over ``torch.func.functional_call`` parameter dicts."""
+
+from metassl.meta.engine import (
+    GRAD_MODES,
+    LossFn,
+    MetaGradient,
+    all_reduce_mean_,
+    frozen_bn_stats,
+    full_precision_context,
+    meta_gradient,
+)
+from metassl.meta.virtual_step import SGDHyper, VirtualStep, apply_virtual_step, plan_virtual_step
+
+__all__ = [
+    "GRAD_MODES",
+    "LossFn",
+    "MetaGradient",
+    "SGDHyper",
+    "VirtualStep",
+    "all_reduce_mean_",
+    "apply_virtual_step",
+    "frozen_bn_stats",
+    "full_precision_context",
+    "meta_gradient",
+    "plan_virtual_step",
+]

@@ -1,0 +1,390 @@
+"""The meta-gradient engine: one virtual step, then ``∇φ L_outer(θ', φ)``.
+
+Bilevel regularizers (MetaMask, MetAug, the ICL-MSR reconstruction) share one pattern
+(methods.md §5): a virtual encoder step ``θ' = step(θ, ∇θ L_inner(θ, φ))`` followed by the
+gradient of an outer loss at the virtual weights with respect to meta-parameters ``φ``::
+
+    dL_outer(θ'(φ), φ)/dφ = ∇φ L_outer(θ', φ)  +  D_u ∇φ L_inner(θ, φ),   u = coef ⊙ v,
+                            └── first order ──┘   └──── second-order term ────┘
+    v = ∇θ' L_outer(θ', φ),    coef = ∂θ'/∂g  (e.g. -lr; see virtual_step.py)
+
+``D_u`` is the directional derivative along ``u`` in θ, i.e. the mixed Hessian-vector
+product ``(∂²L_inner/∂φ∂θ) u`` of DARTS (Liu et al., ICLR 2019, Eq. 7-8).
+
+Nothing is copied: loss callables receive parameter dicts and evaluate the model with
+``torch.func.functional_call``.  Modes:
+
+``first_order``
+    ``∇φ L_outer(θ', φ)`` with ``θ'`` treated as a constant.
+``second_order`` (exact)
+    ``second_order_method="reverse"``: the inner gradient is taken with ``create_graph``,
+    ``θ'`` is a differentiable function of ``φ`` and one backward of ``L_outer`` gives the
+    exact total derivative (the MAML/MetAug way).  Needs a fresh inner pass.
+    ``"forward"``: forward-over-reverse — ``v`` from one backward of ``L_outer`` at ``θ'``,
+    then ``D_u ∇φ L_inner`` as ``torch.func.jvp`` of ``θ ↦ torch.func.grad_φ L_inner``.
+    Exact too, and it works with a *precomputed* inner gradient (e.g. the real training
+    step's ``.grad``); the reverse part only runs from the loss back to where φ enters.
+    ``"auto"`` picks ``forward`` when ``inner_grads`` are given or under torch.distributed,
+    else ``reverse``.  Forward-over-reverse needs every custom ``autograd.Function`` in the
+    inner loss to support ``torch.func`` (``setup_context`` and ``jvp``).
+``finite_difference``
+    The official MetaMask / DARTS approximation of the second-order term:
+    ``(∇φ L_inner(θ + εu, φ) - ∇φ L_inner(θ - εu, φ)) / (2ε)`` with ``ε = radius/‖u‖``.
+    For ``u = -lr·v`` this is exactly the official ``∇φ L(θ',φ) - η (g⁺ - g⁻)/(2R)`` with
+    ``θ± = θ ± R v``, ``R = radius/‖v‖``.
+
+Guarantees, whatever the mode:
+
+- batch-norm running statistics never change during virtual passes (every ``_BatchNorm``
+  in ``modules`` that is in training mode runs with ``track_running_stats`` off for the
+  duration, which gives the same output — batch statistics — without the in-place update;
+  unlike passing cloned buffers this needs no copy and is legal inside ``torch.func``
+  transforms);
+- the optimizer and its state are only read; ``.grad`` of real parameters is not touched;
+- the whole computation runs in full precision with autocast disabled (callers cast their
+  inputs; parameters are used in their own dtype);
+- under ``torch.distributed`` with world size > 1 the meta-gradients are averaged over
+  ranks once (one flat all-reduce).  For exactness two more averages happen where needed,
+  as DDP does for parameter gradients: a *fresh* inner gradient (so every rank takes the
+  same virtual step; a precomputed one, e.g. from the DDP backward, is already averaged),
+  and ``v`` before it becomes the direction ``u``.  The result then equals the
+  one-process meta-gradient of the mean of the per-rank objectives (tested with gloo).
+
+Scope of the second-order term: ``second_order_params`` (a subset of the virtual
+parameters) differentiates ``θ'`` with respect to ``φ`` through that subset only; the other
+parameters still take the virtual step.  Exact when it is all of them (default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from metassl.meta.virtual_step import VirtualStep, apply_virtual_step, plan_virtual_step
+
+__all__ = [
+    "GRAD_MODES",
+    "LossFn",
+    "MetaGradient",
+    "meta_gradient",
+    "frozen_bn_stats",
+    "full_precision_context",
+    "all_reduce_mean_",
+]
+
+GRAD_MODES = ("first_order", "second_order", "finite_difference")
+
+#: ``loss(params, meta) -> scalar``: ``params`` maps (virtual) parameter names to tensors,
+#: ``meta`` maps meta-parameter names to tensors.  Must be a pure function of both.
+LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class MetaGradient:
+    """Result of :func:`meta_gradient`."""
+
+    #: ``dL_outer/dφ`` per meta-parameter name (averaged over ranks under DDP)
+    grads: dict[str, torch.Tensor]
+    #: ``L_outer(θ', φ)`` (detached)
+    outer_loss: torch.Tensor
+    #: the first-order part ``∇φ L_outer(θ', φ)`` (not available for ``reverse``)
+    first_order: dict[str, torch.Tensor] | None = None
+    #: scalars for logging
+    stats: dict[str, float] = field(default_factory=dict)
+    #: the meta step was skipped (non-finite inner gradient): ``grads`` are zero
+    skipped: bool = False
+
+
+# -- contexts --------------------------------------------------------------------------------
+@contextlib.contextmanager
+def frozen_bn_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Batch norms in training mode use batch statistics but do not update their running
+    statistics (nor ``num_batches_tracked``) inside the block."""
+    changed: list[_BatchNorm] = []
+    seen: set[int] = set()
+    try:
+        for root in modules:
+            for m in root.modules():
+                if isinstance(m, _BatchNorm) and id(m) not in seen and m.training and m.track_running_stats:
+                    seen.add(id(m))
+                    m.track_running_stats = False
+                    changed.append(m)
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def full_precision_context(device: torch.device) -> Iterator[None]:
+    """Autocast disabled for ``device`` (and for CPU, where autocast may also be active)."""
+    with contextlib.ExitStack() as stack:
+        for dev in {device.type, "cpu"}:
+            if dev in ("cpu", "cuda", "xpu", "mps", "hpu"):
+                stack.enter_context(torch.autocast(device_type=dev, enabled=False))
+        yield
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """In place: average ``tensors`` over ranks with one flat all-reduce (no-op when not
+    distributed or world size 1)."""
+    if not tensors or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _all_finite(grads: Iterable[torch.Tensor | None], distributed: bool) -> bool:
+    """All inner gradients finite, on every rank (so all ranks take the same branch)."""
+    checks = [torch.isfinite(t).all() for t in grads if t is not None]
+    if not checks:
+        return True
+    ok = torch.stack(checks).all().to(torch.float32)
+    if distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok > 0)
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def _grad_or_zero(grads: tuple[torch.Tensor | None, ...], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
+
+
+def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum((a[k].double() * b[k].double()).sum() for k in a))
+
+
+def _norm(d: dict[str, torch.Tensor]) -> float:
+    return float(sum(t.double().pow(2).sum() for t in d.values())) ** 0.5
+
+
+def _grad_phi_fn(inner_loss: LossFn, meta: dict[str, torch.Tensor]):
+    """``θ ↦ ∇φ L_inner(θ, φ)`` as a ``torch.func`` function (for jvp)."""
+
+    def fn(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return torch.func.grad(lambda phi: inner_loss(params, phi))(meta)
+
+    return fn
+
+
+def _second_order_term(
+    inner_loss: LossFn,
+    theta: dict[str, torch.Tensor],
+    meta: dict[str, torch.Tensor],
+    u: dict[str, torch.Tensor],
+    mode: str,
+    radius: float,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """``D_u ∇φ L_inner(θ, φ)``: exact (jvp) or central finite difference."""
+    u_norm = _norm(u)
+    if u_norm == 0.0:
+        return {k: torch.zeros_like(v) for k, v in meta.items()}, {"u_norm": 0.0}
+    if mode == "forward":
+        # no_grad: torch.func.grad still differentiates (it is a transform), but nothing is
+        # recorded for ordinary autograd (e.g. for captured parameters that require grad)
+        with torch.no_grad():
+            try:
+                _, tangent = torch.func.jvp(_grad_phi_fn(inner_loss, meta), (theta,), (u,))
+            except RuntimeError as err:
+                if "autograd.Function" not in str(err):
+                    raise
+                raise RuntimeError(
+                    "exact second-order meta-gradients run the inner loss under torch.func (jvp of grad); a custom "
+                    "autograd.Function in it lacks torch.func support (setup_context + jvp) — under torch.distributed "
+                    "this is the loss collectives of metassl.losses.distributed. Use grad_mode=finite_difference or "
+                    f"first_order there. ({str(err).splitlines()[0]})"
+                ) from err
+        return {k: t.detach() for k, t in tangent.items()}, {"u_norm": u_norm}
+    # finite difference (DARTS / official MetaMask)
+    eps = radius / u_norm
+    out: list[dict[str, torch.Tensor]] = []
+    for sign in (1.0, -1.0):
+        shifted = {k: theta[k] + (sign * eps) * u[k] for k in theta}
+        phi = {k: _leaf(v) for k, v in meta.items()}
+        loss = inner_loss(shifted, phi)
+        g = torch.autograd.grad(loss, list(phi.values()), allow_unused=True)
+        out.append(dict(zip(phi, _grad_or_zero(g, list(phi.values())))))
+    return {k: (out[0][k] - out[1][k]) / (2 * eps) for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
+
+
+# -- the engine ------------------------------------------------------------------------------
+def meta_gradient(
+    params: Mapping[str, torch.Tensor],
+    meta_params: Mapping[str, torch.Tensor],
+    outer_loss: LossFn,
+    inner_loss: LossFn | None = None,
+    *,
+    inner_grads: Mapping[str, torch.Tensor | None] | None = None,
+    step: VirtualStep | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    mode: str = "second_order",
+    second_order_method: str = "auto",
+    second_order_params: Iterable[str] | None = None,
+    radius: float = 1e-2,
+    modules: Iterable[nn.Module] = (),
+    distributed: bool | None = None,
+    skip_nonfinite: bool = True,
+) -> MetaGradient:
+    """Meta-gradient of ``L_outer`` after one virtual step (see module docstring).
+
+    Parameters
+    ----------
+    params
+        ``θ``: the parameters that take the virtual step, by name (the names the loss
+        callables use with ``functional_call``).  For ``step.rule == "mirror"`` these must be
+        the real ``nn.Parameter`` objects of ``optimizer``.  Parameters of the model that are
+        not in ``params`` keep their current values in every pass (e.g. a frozen backbone
+        for a heads-only virtual step).
+    meta_params
+        ``φ`` by name; the result has the same keys.
+    outer_loss, inner_loss
+        ``loss(params_dict, meta_dict) -> scalar``.  A loss may receive only a *subset* of
+        ``params`` (see ``second_order_params``); missing names must take their current
+        values (what ``functional_call`` does with a partial dict).  ``inner_loss`` may be
+        ``None`` only for ``first_order`` with ``inner_grads``.
+    inner_grads
+        ``∇θ L_inner(θ, φ)`` already computed (e.g. the real step's ``.grad``, unscaled);
+        ``None`` entries mean "no gradient" (the parameter does not move).  If ``None``,
+        the inner gradient is computed here from ``inner_loss``.
+    step, optimizer
+        The virtual step rule (default ``mirror``) and the real optimizer to mirror.
+    mode, second_order_method, radius
+        ``first_order | second_order | finite_difference``; exact second order by
+        ``forward`` (jvp) or ``reverse`` (create_graph) or ``auto``; the finite-difference
+        radius (official 1e-2).
+    second_order_params
+        Names (a subset of ``params``) through which ``θ'`` is differentiated with respect
+        to ``φ``; ``None`` = all of ``params`` (exact).  A strict subset drops the other
+        parameters' part of the second-order term (they still take the virtual step), and
+        the outer backward then only runs back to where φ and that subset enter.
+    modules
+        Modules whose batch-norm running statistics must stay untouched.
+    distributed
+        Average the meta-gradient over ranks; ``None`` = detect from ``torch.distributed``.
+    """
+    if mode not in GRAD_MODES:
+        raise ValueError(f"meta-gradient mode must be one of {', '.join(GRAD_MODES)}; got {mode!r}")
+    if second_order_method not in ("auto", "forward", "reverse"):
+        raise ValueError(f"second_order_method must be auto, forward or reverse; got {second_order_method!r}")
+    if inner_loss is None and (mode != "first_order" or inner_grads is None):
+        raise ValueError(f"mode {mode!r} needs inner_loss (and first_order without it needs inner_grads)")
+    if not params:
+        raise ValueError("meta_gradient needs at least one virtual parameter")
+    step = step or VirtualStep()
+    method = second_order_method
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if mode == "second_order" and method == "auto":
+        method = "forward" if inner_grads is not None or distributed else "reverse"
+    if mode == "second_order" and method == "reverse" and inner_grads is not None:
+        raise ValueError("second_order_method='reverse' differentiates the inner gradient and cannot use inner_grads")
+    if mode == "second_order" and method == "reverse" and distributed:
+        raise ValueError("second_order_method='reverse' is not supported under torch.distributed (the inner gradient must be averaged over ranks first); use 'forward'")
+
+    names = list(params)
+    subset = None if second_order_params is None else set(second_order_params)
+    implicit = names if subset is None else [k for k in names if k in subset]
+    unknown = sorted((subset or set()) - set(names))
+    if unknown:
+        raise ValueError(f"second_order_params not among the virtual params: {', '.join(unknown)}")
+    plan = plan_virtual_step(params, step, optimizer)
+    device = next(iter(params.values())).device
+    theta = {k: params[k].detach() for k in names}
+    meta_names = list(meta_params)
+
+    with full_precision_context(device), frozen_bn_stats(modules), torch.enable_grad():
+        if mode == "second_order" and method == "reverse":
+            return _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite)
+
+        # 1. inner gradient at θ (given or fresh, first-order)
+        if inner_grads is None:
+            leaves = {k: _leaf(v) for k, v in theta.items()}
+            meta_const = {k: v.detach() for k, v in meta_params.items()}
+            loss_in = inner_loss(leaves, meta_const)
+            g = torch.autograd.grad(loss_in, list(leaves.values()), allow_unused=True)
+            grads = dict(zip(names, g))
+            if distributed:  # as DDP would: every rank takes the same virtual step
+                present = [k for k in names if grads[k] is not None]
+                all_reduce_mean_([grads[k] for k in present])
+        else:
+            grads = {k: (None if inner_grads.get(k) is None else inner_grads[k].detach()) for k in names}
+        if skip_nonfinite and not _all_finite(grads.values(), distributed):
+            return _skipped(meta_params, distributed)
+
+        # 2. virtual step (no graph) and the outer pass at θ'; v = ∇θ' L_outer is only needed
+        #    for the parameters that carry the second-order term
+        with torch.no_grad():
+            theta_new, coefs = apply_virtual_step(theta, grads, plan)
+        need_v = [] if mode == "first_order" else implicit
+        theta_out = {k: (_leaf(v) if k in need_v else v) for k, v in theta_new.items()}
+        phi = {k: _leaf(v) for k, v in meta_params.items()}
+        loss_out = outer_loss(theta_out, phi)
+        wrt = list(phi.values()) + [theta_out[k] for k in need_v]
+        all_g = _grad_or_zero(torch.autograd.grad(loss_out, wrt, allow_unused=True), wrt)
+        first = dict(zip(meta_names, all_g[: len(phi)]))
+        stats = {"outer_loss": float(loss_out.detach()), "first_order_norm": _norm(first)}
+        if mode == "first_order":
+            result = {k: v.clone() for k, v in first.items()}
+        else:
+            v = dict(zip(need_v, all_g[len(phi) :]))
+            if distributed:  # v = ∇θ' of the global outer loss: average, as DDP does for gradients
+                all_reduce_mean_(list(v.values()))
+            u = {k: coefs[k] * v[k] for k in need_v}
+            term, extra = _second_order_term(
+                inner_loss,
+                {k: theta[k] for k in need_v},
+                {k: t.detach() for k, t in meta_params.items()},
+                u,
+                "forward" if mode == "second_order" else "finite_difference",
+                radius,
+            )
+            stats.update(extra)
+            stats["second_order_norm"] = _norm(term)
+            stats["second_first_cos"] = _dot(term, first) / max(stats["second_order_norm"] * stats["first_order_norm"], 1e-30)
+            result = {k: first[k] + term[k] for k in meta_names}
+        if distributed:
+            all_reduce_mean_(list(result.values()))
+        return MetaGradient(grads=result, outer_loss=loss_out.detach(), first_order=first, stats=stats)
+
+
+def _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite) -> MetaGradient:
+    """Exact second order by differentiating through the virtual step (create_graph); only
+    the ``implicit`` parameters' step keeps its graph."""
+    leaves = {k: _leaf(v) for k, v in theta.items()}
+    phi = {k: _leaf(v) for k, v in meta_params.items()}
+    loss_in = inner_loss(leaves, phi)
+    g = torch.autograd.grad(loss_in, list(leaves.values()), create_graph=True, allow_unused=True)
+    keep = set(implicit)
+    grads = {k: (gk if gk is None or k in keep else gk.detach()) for k, gk in zip(leaves, g)}
+    if skip_nonfinite and not _all_finite([None if t is None else t.detach() for t in grads.values()], distributed):
+        return _skipped(meta_params, distributed)
+    theta_new, _ = apply_virtual_step(leaves, grads, plan)
+    loss_out = outer_loss(theta_new, phi)
+    total = torch.autograd.grad(loss_out, list(phi.values()), allow_unused=True)
+    result = {k: t.detach() for k, t in zip(phi, _grad_or_zero(total, list(phi.values())))}
+    if distributed:
+        all_reduce_mean_(list(result.values()))
+    return MetaGradient(grads=result, outer_loss=loss_out.detach(), stats={"outer_loss": float(loss_out.detach())})
+
+
+def _skipped(meta_params: Mapping[str, torch.Tensor], distributed: bool) -> MetaGradient:
+    zeros = {k: torch.zeros_like(v) for k, v in meta_params.items()}
+    if distributed:  # keep the collective sequence identical on every rank
+        all_reduce_mean_(list(zeros.values()))
+    return MetaGradient(grads=zeros, outer_loss=torch.tensor(float("nan")), stats={"skipped": 1.0}, skipped=True)

@@ -1,0 +1,303 @@
+"""MetaMask (metassl.regularizers.metamask) on tiny networks."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from metassl.config import load_config
+from metassl.engine.step import encoder_objective, training_step
+from metassl.meta import frozen_bn_stats
+from metassl.methods import METHODS, build_method
+from metassl.regularizers import REGULARIZERS, MetaMask, StepContext, build_regularizer
+from metassl.regularizers.base import regularizer_hparams
+
+DT = torch.float64
+FEAT = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_backbone() -> nn.Module:
+    """Conv -> BN -> Tanh -> global pool: (B, 3, 6, 6) -> (B, 6), smooth for finite differences."""
+    return nn.Sequential(nn.Conv2d(3, FEAT, 3, padding=1), nn.BatchNorm2d(FEAT), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def make(method: str = "simclr", dtype=torch.float32, seed: int = 0, **reg_kw):
+    torch.manual_seed(seed)
+    kw = dict(proj_hidden_dim=8, proj_output_dim=5)
+    if method == "moco_v2":
+        kw["queue_size"] = 16
+    if method in ("byol", "simsiam"):
+        kw["pred_hidden_dim"] = 8
+    m = build_method(method, tiny_backbone(), FEAT, **kw)
+    reg = build_regularizer("metamask", m, drr_hidden_dim=8, drr_output_dim=7, **reg_kw)
+    m.to(dtype)
+    reg.to(dtype)
+    return m, reg
+
+
+def encoder_opt(m, reg, lr=0.2, momentum=0.9, wd=5e-4):
+    return torch.optim.SGD(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+
+
+def views_for(dtype=torch.float32, n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 6, 6, generator=g).to(dtype) for _ in range(2)]
+
+
+def real_backward(m, reg, opt, views):
+    opt.zero_grad(set_to_none=True)
+    loss, _, out = encoder_objective(m, reg, views, None)
+    loss.backward()
+    return StepContext(method=m, views=views, out=out, labels=None, encoder_optimizer=opt, lr=opt.param_groups[0]["lr"], progress=0.0, global_step=0)
+
+
+# -- the mask and where it acts ------------------------------------------------------------------
+def test_registry_config_and_init():
+    assert REGULARIZERS["metamask"] is MetaMask
+    m, reg = make()
+    assert torch.equal(reg.mask(), torch.full((FEAT,), 0.5))
+    assert reg.meta_parameters() == [reg.mask_logits]
+    assert all(p is not reg.mask_logits for p in reg.encoder_parameters())
+    assert sum(p.numel() for p in reg.encoder_parameters()) == sum(p.numel() for p in reg.drr_projector.parameters())
+    # the YAML preset lists exactly the constructor's hyper-parameters, with its defaults
+    cfg = load_config(["regularizer=metamask"])
+    keys = {k: v for k, v in cfg.regularizer.items() if k != "name"}
+    assert keys == regularizer_hparams("metamask")
+    assert load_config(["regularizer=none"]).regularizer.name == "none"
+    paper = load_config(["paper=metamask_cifar10"])
+    assert paper.regularizer.name == "metamask" and paper.method.temperature == 0.07 and paper.batch_size == 512
+    assert paper.eval.knn.k == 5 and list(paper.eval.knn_extra[0]) == [200, 0.1] and paper.seed == 1
+    with pytest.raises(ValueError, match="grad_mode"):
+        MetaMask(grad_mode="exact")
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "moco_v2"])
+def test_mask_before_every_projector_and_target_sees_it(method):
+    m, reg = make(method)
+    with torch.no_grad():
+        reg.mask_logits.copy_(torch.linspace(-2, 2, FEAT))
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, mod in list(m.named_children()) + [("drr_projector", reg.drr_projector)]:
+        if "projector" in name:
+            hooks.append(mod.register_forward_pre_hook(lambda _m, a, name=name: seen.setdefault(name, []).append(a[0].detach())))
+    views = views_for()
+    out = m(views, feature_transform=reg.transform_features)
+    reg.extra_loss(out, m, None)
+    for h in hooks:
+        h.remove()
+    mask = reg.mask().detach()
+    for f, h in zip(out["f"], out["h"]):
+        torch.testing.assert_close(f, h * mask)
+    torch.testing.assert_close(seen["projector"][0], out["h"][0] * mask)
+    torch.testing.assert_close(seen["drr_projector"][0], out["h"][0] * mask)
+    if method != "simclr":  # the target network sees the same mask (detached)
+        with torch.no_grad():
+            h_t = m.target_backbone(views[0]).flatten(1)
+        target_inputs = seen["target_projector"]
+        assert any(torch.allclose(t, h_t * mask) for t in target_inputs)
+
+
+def test_mask_gets_no_gradient_from_the_encoder_objective():
+    m, reg = make()
+    opt = encoder_opt(m, reg)
+    real_backward(m, reg, opt, views_for())
+    g = reg.mask_logits.grad
+    assert g is None or torch.count_nonzero(g) == 0
+    assert all(p.grad is not None for p in reg.drr_projector.parameters())
+    assert m.backbone[0].weight.grad is not None
+
+
+def test_eval_transform_log_stats_and_files(tmp_path):
+    m, reg = make()
+    with torch.no_grad():
+        reg.mask_logits.copy_(torch.linspace(-1, 1, FEAT))
+    t = reg.eval_transform()
+    h = torch.randn(4, FEAT)
+    torch.testing.assert_close(t(h), h * torch.sigmoid(torch.linspace(-1, 1, FEAT)))
+    assert not any(p.requires_grad for p in t.parameters())
+    stats = reg.log_stats()
+    assert set(stats) == {"mask_mean", "mask_min", "mask_max", "mask_std", "mask_frac_below_half"}
+    assert stats["mask_frac_below_half"] == pytest.approx(0.5)
+    reg.on_train_end(tmp_path / "run")
+    assert (tmp_path / "run" / "mask.png").read_bytes()[:4] == b"\x89PNG"
+    torch.testing.assert_close(torch.load(tmp_path / "run" / "mask.pt"), torch.sigmoid(torch.linspace(-1, 1, FEAT)))
+    assert len(json.loads((tmp_path / "run" / "mask.json").read_text())["mask"]) == FEAT
+
+
+# -- the meta-gradient against an independent finite-difference reference --------------------------
+def reference_meta_grad(m, reg, opt, views, *, order: str, virtual: str = "all", implicit: str = "all", h: float = 1e-6):
+    """Central differences in the mask logits of L_base after a real torch.optim.SGD step on
+    deep copies (``order=reuse``: the step of the encoder objective from the current weights;
+    ``official``: from the current weights a fresh step of L_base alone).  ``virtual=heads``:
+    only head parameters step; ``implicit=heads``: the backbone's step is taken at the
+    unperturbed logits (so only the heads' step depends on the mask)."""
+    w0 = reg.mask_logits.detach().clone()
+
+    def stepped(w: torch.Tensor):
+        mc, rc, oc = copy.deepcopy((m, reg, opt))
+        with torch.no_grad():
+            rc.mask_logits.copy_(w)
+        for p in list(mc.parameters()) + list(rc.parameters()):
+            p.grad = None
+        with frozen_bn_stats([mc, rc]):
+            if order == "reuse":
+                loss, _, _ = encoder_objective(mc, rc, views, None)
+            else:
+                loss = mc.loss(mc(views, feature_transform=rc.transform_features))
+            loss.backward()
+            if virtual == "heads":
+                for p in mc.backbone.parameters():
+                    p.grad = None
+            oc.step()
+        return mc, rc
+
+    def outer(w: torch.Tensor) -> float:
+        mc, rc = stepped(w)
+        if implicit == "heads" and virtual == "all":
+            m0, _ = stepped(w0)
+            mc.backbone.load_state_dict(m0.backbone.state_dict())
+        with frozen_bn_stats([mc, rc]), torch.no_grad():
+            rc.mask_logits.copy_(w)
+            return float(mc.loss(mc(views, feature_transform=rc.transform_features)))
+
+    grad = torch.zeros_like(w0)
+    for i in range(w0.numel()):
+        e = torch.zeros_like(w0)
+        e[i] = h
+        grad[i] = (outer(w0 + e) - outer(w0 - e)) / (2 * h)
+    return grad
+
+
+CASES = [
+    dict(order="reuse"),
+    dict(order="reuse", virtual_params="heads"),
+    dict(order="reuse", second_order_params="heads"),
+    dict(order="official"),
+    dict(order="official", virtual_params="heads"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_meta_gradient_matches_finite_difference_reference(case):
+    m, reg = make(dtype=DT, **case)
+    with torch.no_grad():
+        reg.mask_logits.copy_(0.3 * torch.randn(FEAT, dtype=DT))
+    opt = encoder_opt(m, reg, lr=0.3)
+    views = views_for(DT)
+    # one real step first, so that the optimizer holds momentum buffers
+    training_step(m, reg, views_for(DT, seed=7), None, opt, None)
+    ctx = real_backward(m, reg, opt, views)
+    if case["order"] == "official":
+        opt.step()  # the official meta step runs from the updated weights
+        for p in opt.param_groups[0]["params"]:
+            p.grad = None
+    ref = reference_meta_grad(
+        m, reg, opt, views, order=case["order"], virtual=case.get("virtual_params", "all"), implicit=case.get("second_order_params", "all")
+    )
+    exact = reg.compute_meta_gradient(ctx)
+    torch.testing.assert_close(exact.grads["logits"], ref, rtol=1e-6, atol=1e-9)
+
+    reg.grad_mode = "first_order"
+    first = reg.compute_meta_gradient(ctx).grads["logits"]
+    term = exact.grads["logits"] - first
+    assert term.norm() > 1e-3 * first.norm()  # the second-order term is not negligible here
+    reg.grad_mode, reg.fd_radius = "finite_difference", 1e-5
+    fd = reg.compute_meta_gradient(ctx).grads["logits"]
+    assert (fd - first - term).norm() <= 1e-4 * term.norm()
+    reg.grad_mode = "second_order"
+    reg.compute_meta_gradient(ctx)
+    if case["order"] == "reuse" and case.get("virtual_params") == "heads":  # no backbone pass at all
+        assert reg.last_replay.get("replayed", 0) > 0 and reg.last_replay.get("computed", 0) == 0
+    if case.get("second_order_params") == "heads":  # outer pass runs the backbone at θ'; the jvp at θ replays
+        assert reg.last_replay == {"replayed": len(views), "computed": 0}
+
+
+def test_meta_step_leaves_bn_buffers_params_and_optimizer_state_untouched():
+    m, reg = make()
+    opt = encoder_opt(m, reg)
+    training_step(m, reg, views_for(seed=3), None, opt, None)
+    ctx = real_backward(m, reg, opt, views_for())
+    bufs = {n: b.clone() for n, b in list(m.named_buffers()) + list(reg.named_buffers())}
+    params = {n: p.detach().clone() for n, p in m.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    state = {id(p): s["momentum_buffer"].clone() for p, s in opt.state.items()}
+    for mode in ("second_order", "finite_difference", "first_order"):
+        reg.grad_mode = mode
+        reg.compute_meta_gradient(ctx)
+    for n, b in list(m.named_buffers()) + list(reg.named_buffers()):
+        assert torch.equal(b, bufs[n]), n
+    for n, p in m.named_parameters():
+        assert torch.equal(p, params[n]), n
+        if n in grads:
+            assert torch.equal(p.grad, grads[n]), n
+    for p, s in opt.state.items():
+        assert torch.equal(s["momentum_buffer"], state[id(p)])
+
+
+def test_training_step_assigns_the_meta_gradient():
+    """After training_step the mask's .grad is exactly the meta-gradient (nothing of the
+    encoder objective leaks in) and the mask moved by one step of its own SGD."""
+    m, reg = make(meta_lr=0.5, meta_weight_decay=0.0, meta_momentum=0.0)
+    opt = encoder_opt(m, reg)
+    meta_opt, sched = reg.configure_meta_optimizer(10)
+    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR)
+    views = views_for()
+    m_ref, reg_ref, opt_ref = copy.deepcopy((m, reg, opt))
+    expected = reg_ref.compute_meta_gradient(real_backward(m_ref, reg_ref, opt_ref, views)).grads["logits"]
+    w0 = reg.mask_logits.detach().clone()
+    logs = training_step(m, reg, views, None, opt, meta_opt)
+    torch.testing.assert_close(reg.mask_logits.grad, expected)
+    torch.testing.assert_close(reg.mask_logits.detach(), w0 - 0.5 * expected)
+    assert "meta/outer_loss" in logs and "reg/mask_mean" in logs
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("options", [dict(), dict(order="official", grad_mode="finite_difference", virtual_params="heads")], ids=["default", "official-fd-heads"])
+def test_one_step_with_every_base_method(method, options):
+    m, reg = make(method, meta_lr=1.0, **options)
+    opt = torch.optim.SGD(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=0.05, momentum=0.9)
+    meta_opt, _ = reg.configure_meta_optimizer(10)
+    w0 = reg.mask_logits.detach().clone()
+    logs = training_step(m, reg, views_for(), None, opt, meta_opt)
+    assert torch.isfinite(logs["loss"]) and torch.isfinite(logs["loss_drr"])
+    assert logs["loss"] == pytest.approx(float(10 * logs["loss_base"] + logs["loss_drr"]), rel=1e-5)
+    assert not torch.equal(reg.mask_logits.detach(), w0)
+    assert torch.isfinite(reg.mask_logits).all()
+
+
+def test_mirror_rejects_other_optimizers_and_sgd_rule_runs():
+    m, reg = make()
+    opt = torch.optim.AdamW(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=1e-3)
+    meta_opt, _ = reg.configure_meta_optimizer(10)
+    with pytest.raises(NotImplementedError, match="virtual_step='sgd'"):
+        training_step(m, reg, views_for(), None, opt, meta_opt)
+    m, reg = make(virtual_step="sgd", virtual_lr=0.1)
+    opt = torch.optim.AdamW(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=1e-3)
+    meta_opt, _ = reg.configure_meta_optimizer(10)
+    logs = training_step(m, reg, views_for(), None, opt, meta_opt)
+    assert logs["meta/grad_norm"] > 0
+
+
+def test_bf16_autocast_step():
+    """Under autocast the meta step runs in float32 and the mask stays float32."""
+    m, reg = make()
+    opt = encoder_opt(m, reg)
+    meta_opt, _ = reg.configure_meta_optimizer(10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logs = training_step(m, reg, views_for(), None, opt, meta_opt)
+    assert torch.isfinite(logs["loss"]) and reg.mask_logits.dtype == torch.float32
+    assert torch.isfinite(reg.mask_logits.grad).all() and reg.mask_logits.grad.abs().sum() > 0
