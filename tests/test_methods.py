@@ -14,7 +14,7 @@ from torch.func import functional_call
 import metassl
 from metassl.losses import moco_infonce
 from metassl.methods import METHODS, Method, build_method, method_hparams
-from metassl.methods.moco_v2 import cosine_momentum
+from metassl.methods.momentum import cosine_momentum
 from metassl.models.backbones import build_backbone
 
 NAMES = ["simclr", "moco_v2", "byol", "simsiam", "barlow_twins", "vicreg"]

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from metassl.losses import barlow_twins_loss
-from metassl.methods.base import FeatureTransform, Method, register_method
-from metassl.methods.simclr import check_views, encode_views
+from metassl.methods.base import FeatureTransform, Method, check_views, encode_views, register_method
 from metassl.models.heads import ProjectionHead
 
 

@@ -73,6 +73,25 @@ class Method(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
+def check_views(views: list[torch.Tensor], method: str) -> None:
+    if len(views) < 2:
+        raise ValueError(f"{method} needs at least 2 views, got {len(views)}")
+
+
+def encode_views(
+    method: Method, views: list[torch.Tensor], feature_transform: FeatureTransform | None, projector: nn.Module
+) -> dict[str, list[torch.Tensor]]:
+    """``h``, ``f`` and ``z = projector(f)`` for every view, each view its own forward pass
+    (batch-norm statistics per view, as the official PyTorch implementations)."""
+    out: dict[str, list[torch.Tensor]] = {"h": [], "f": [], "z": []}
+    for x in views:
+        h, f = method.encode(x, feature_transform)
+        out["h"].append(h)
+        out["f"].append(f)
+        out["z"].append(projector(f))
+    return out
+
+
 METHODS: dict[str, type[Method]] = {}
 
 

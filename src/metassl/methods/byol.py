@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from metassl.losses import byol_loss
-from metassl.methods.base import FeatureTransform, Method, register_method
-from metassl.methods.moco_v2 import cosine_momentum, ema_update_, make_target
-from metassl.methods.simclr import check_views, encode_views
+from metassl.methods.base import FeatureTransform, Method, check_views, encode_views, register_method
+from metassl.methods.momentum import cosine_momentum, ema_update_, make_target
 from metassl.models.heads import PredictionHead, ProjectionHead
 
 

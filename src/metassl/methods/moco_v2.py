@@ -1,12 +1,7 @@
-"""MoCo v2 (Chen et al., 2020, "Improved baselines"; MoCo: He et al., 2020).
-
-Also home of the momentum-target helpers shared with BYOL.
-"""
+"""MoCo v2 (Chen et al., 2020, "Improved baselines"; MoCo: He et al., 2020)."""
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Any
 
 import torch
@@ -15,37 +10,9 @@ from torch import nn
 
 from metassl.losses import moco_infonce
 from metassl.losses.distributed import broadcast_, gather_no_grad, rank, world_size
-from metassl.methods.base import FeatureTransform, Method, register_method
-from metassl.methods.simclr import check_views, encode_views
+from metassl.methods.base import FeatureTransform, Method, check_views, encode_views, register_method
+from metassl.methods.momentum import cosine_momentum, ema_update_, make_target
 from metassl.models.heads import ProjectionHead
-
-
-# -- momentum-target helpers (MoCo, BYOL) ------------------------------------------------
-def make_target(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose parameters do not require gradient."""
-    target = copy.deepcopy(module)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    return target
-
-
-def cosine_momentum(base: float, final: float, progress: float) -> float:
-    """BYOL's schedule (Grill et al., 2020, Sec. 3.2):
-    ``final - (final - base) * (cos(pi * progress) + 1) / 2``; ``base`` at progress 0,
-    ``final`` at progress 1, constant when ``base == final``."""
-    progress = min(max(float(progress), 0.0), 1.0)
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
-
-
-@torch.no_grad()
-def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """In place, for every parameter: ``target = momentum * target + (1 - momentum) * online``.
-    Buffers (batch-norm running statistics) are not averaged: the target keeps its own."""
-    t_params = list(target.parameters())
-    o_params = list(online.parameters())
-    if len(t_params) != len(o_params):
-        raise ValueError("target and online networks have different parameters")
-    torch._foreach_lerp_(t_params, [p.detach() for p in o_params], 1.0 - momentum)
 
 
 @register_method("moco_v2")

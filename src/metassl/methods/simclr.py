@@ -8,27 +8,8 @@ import torch
 from torch import nn
 
 from metassl.losses import nt_xent
-from metassl.methods.base import FeatureTransform, Method, register_method
+from metassl.methods.base import FeatureTransform, Method, check_views, encode_views, register_method
 from metassl.models.heads import ProjectionHead
-
-
-def check_views(views: list[torch.Tensor], method: str) -> None:
-    if len(views) < 2:
-        raise ValueError(f"{method} needs at least 2 views, got {len(views)}")
-
-
-def encode_views(
-    method: Method, views: list[torch.Tensor], feature_transform: FeatureTransform | None, projector: nn.Module
-) -> dict[str, list[torch.Tensor]]:
-    """``h``, ``f`` and ``z = projector(f)`` for every view, each view its own forward pass
-    (batch-norm statistics per view, as the official PyTorch implementations)."""
-    out: dict[str, list[torch.Tensor]] = {"h": [], "f": [], "z": []}
-    for x in views:
-        h, f = method.encode(x, feature_transform)
-        out["h"].append(h)
-        out["f"].append(f)
-        out["z"].append(projector(f))
-    return out
 
 
 @register_method("simclr")
