@@ -20,3 +20,12 @@ def smoke_overrides(tmp_path):
         "method.proj_hidden_dim=64",
         "method.proj_output_dim=32",
     ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
