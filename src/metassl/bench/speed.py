@@ -40,7 +40,7 @@ Usage::
 
     python -m metassl.bench.speed --quick                     # convnet_small, batch 64, ~2 min on 2 cores
     python -m metassl.bench.speed                             # resnet18, batch 256, bf16, channels_last
-    python -m metassl.bench.speed --fastpath                  # SimCLR: fp32 vs bf16 vs bf16 + channels_last
+    python -m metassl.bench.speed --fastpath                  # SimCLR: fp32 / bf16, without / with channels_last
     python -m metassl.bench.speed --methods simclr,byol --regularizers metamask --steps 2
 
 Writes ``<out-dir>/<name>.json`` and ``<out-dir>/<name>.md`` (default ``benchmarks/speed``,
@@ -100,6 +100,9 @@ class Case:
     warmup_times: list[float] = field(default_factory=list)
     others_cores: list[float] = field(default_factory=list)
     disturbed_times: list[float] = field(default_factory=list)
+    #: rounds (index) that ended with a non-finite loss: the step may take shortcuts then
+    nonfinite_rounds: list[int] = field(default_factory=list)
+    nonfinite_warmup: bool = False
     steps_per_round: int = 1
     mem_mb: float | None = None
     last_loss: float | None = None
@@ -143,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--quick", action="store_true", help="convnet_small, batch 64, few steps: about 2 minutes on 2 CPU cores (mostly MetaMask's first steps)")
-    p.add_argument("--fastpath", action="store_true", help="SimCLR (+ lightly) in fp32, bf16 and bf16 + channels_last")
+    p.add_argument("--fastpath", action="store_true",
+                   help="SimCLR (+ lightly) in fp32 and bf16 autocast, each without and with channels_last")
     p.add_argument("--out-dir", default="benchmarks")
     p.add_argument("--name", default=None, help="output file stem (default speed, speed_quick, speed_fastpath)")
     p.add_argument("--seed", type=int, default=0)
@@ -565,6 +569,7 @@ def _time_cases(cases: list[Case], args: argparse.Namespace) -> None:
                 else:
                     case.last_loss = case.step(i)
                 case.warmup_times.append(time.perf_counter() - start)
+            case.nonfinite_warmup = not math.isfinite(case.last_loss)
             t = case.warmup_times[-1]
             case.steps_per_round = args.steps
             if args.round_time > 0:
@@ -590,6 +595,8 @@ def _time_cases(cases: list[Case], args: argparse.Namespace) -> None:
                     if disturbed and attempt < args.retries:  # another process took CPU: measure this round again
                         case.disturbed_times.append(elapsed)
                         continue
+                    if not math.isfinite(case.last_loss):
+                        case.nonfinite_rounds.append(len(case.round_times))
                     case.round_times.append(elapsed)
                     if busy.others_cores is not None:
                         case.others_cores.append(busy.others_cores)
@@ -611,10 +618,15 @@ def _case_result(case: Case, args: argparse.Namespace) -> dict[str, Any]:
     if case.error or not case.round_times:
         res["error"] = case.error or "no timed round"
         return res
-    t = statistics.median(case.round_times)
+    valid = [x for i, x in enumerate(case.round_times) if i not in case.nonfinite_rounds]
+    if case.nonfinite_rounds or case.nonfinite_warmup:
+        # a diverged run may skip work (e.g. a meta step skipped on non-finite gradients)
+        res["nonfinite_loss"] = {"in_warmup": case.nonfinite_warmup, "rounds": case.nonfinite_rounds}
+    times = valid or case.round_times
+    t = statistics.median(times)
     res.update(
         step_time_s=round(t, 4),
-        step_time_min_s=round(min(case.round_times), 4),
+        step_time_min_s=round(min(times), 4),
         others_cpu_cores=round(statistics.mean(case.others_cores), 2) if case.others_cores else None,
         round_times_s=[round(x, 4) for x in case.round_times],
         warmup_times_s=[round(x, 4) for x in case.warmup_times],
@@ -704,7 +716,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.fastpath:
         methods = _select(args.methods if args.methods != "all" else "simclr", methods_all, "method")
         regs = ["none"]
-        variants = [Variant("fp32", False), Variant("bf16", False), Variant("bf16", True)]
+        variants = [Variant("fp32", False), Variant("fp32", True), Variant("bf16", False), Variant("bf16", True)]
     else:
         methods = _select(args.methods, methods_all, "method")
         regs = ["none"] + (_select(args.regularizers, regs_all, "regularizer") if args.regularizers else [])
@@ -799,6 +811,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         lv = _fmt(lt.get("views_per_s"), ".1f") if lt and "views_per_s" in lt else ("failed" if lt else "")
         ratio = _fmt(r.get("time_ratio_vs_lightly"), ".2f") if r["regularizer"] == "none" and lt else ""
         over = _fmt(r.get("overhead_vs_base"), ".2f") + "×" if r["regularizer"] != "none" and r.get("overhead_vs_base") else ""
+        if r.get("nonfinite_loss"):
+            all_bad = len(r["nonfinite_loss"]["rounds"]) == len(r["round_times_s"])
+            prec += " (loss non-finite: timing not representative)" if all_bad else " (loss became non-finite: finite rounds timed)"
         lines.append(
             f"| {r['method']} | {r['regularizer']} | {prec} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | {r['views_per_s']:.1f} | {over} | "
             f"{_fmt(r.get('step_mem_mb'), '.0f')} | {lv} | {ratio} |"

@@ -136,8 +136,11 @@ class SSLModule(L.LightningModule):
             sched.step()
         logs["lr"] = encoder_opt.optimizer.param_groups[0]["lr"]
         batch_size = views[0].shape[0]
-        self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=batch_size, sync_dist=False)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch_size)
+        # losses are averaged over ranks (per-rank values of NT-Xent, MoCo, BYOL, SimSiam are local means)
+        self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=batch_size, sync_dist=True)
+        losses = {f"train/{k}": v for k, v in logs.items() if k.startswith("loss_")}
+        self.log_dict(losses, batch_size=batch_size, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if not k.startswith("loss_")}, batch_size=batch_size)
 
     # -- kNN monitor -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
