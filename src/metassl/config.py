@@ -9,7 +9,6 @@ their choices raise :class:`ConfigError` with one line that names the fix.
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from importlib import resources
 from pathlib import Path
@@ -121,7 +120,7 @@ def _check_groups(cfg: DictConfig) -> None:
     from metassl.data import validate_data_config
     from metassl.errors import DataError
     from metassl.methods import METHODS
-    from metassl.methods.base import method_hparams
+    from metassl.methods.base import keyword_parameters, method_hparams
     from metassl.models.backbones import build_backbone
     from metassl.regularizers import REGULARIZERS
     from metassl.regularizers.base import regularizer_hparams
@@ -140,8 +139,7 @@ def _check_groups(cfg: DictConfig) -> None:
     if name not in REGULARIZERS:
         raise ConfigError(f"unknown regularizer {name!r}; available: {', '.join(sorted(REGULARIZERS))}")
     check("regularizer", regularizer_hparams(name))
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    check("backbone", [k for k, p in inspect.signature(build_backbone).parameters.items() if p.kind in kinds])
+    check("backbone", keyword_parameters(build_backbone))
     try:
         validate_data_config(OmegaConf.to_container(cfg.data, resolve=True))
     except DataError as err:

@@ -108,13 +108,16 @@ def register_method(name: str):
     return wrap
 
 
+def keyword_parameters(fn: Callable, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Names and defaults of ``fn``'s named parameters (no ``*args``/``**kwargs``), minus ``skip``:
+    what a config section may set for a builder."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if k not in skip and p.kind in kinds}
+
+
 def method_hparams(name: str) -> dict[str, Any]:
     """The constructor hyper-parameters of a method and their defaults (backbone excluded)."""
-    cls = get_method_class(name)
-    sig = inspect.signature(cls.__init__)
-    skip = {"self", "backbone", "feat_dim"}
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {k: p.default for k, p in sig.parameters.items() if k not in skip and p.kind in kinds}
+    return keyword_parameters(get_method_class(name).__init__, skip=("self", "backbone", "feat_dim"))
 
 
 def get_method_class(name: str) -> type[Method]:

@@ -23,7 +23,6 @@ A regularizer knows this protocol and the meta engine, never a concrete method.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from metassl.methods.base import Method
+from metassl.methods.base import Method, keyword_parameters
 
 
 @dataclass
@@ -132,9 +131,7 @@ def register_regularizer(name: str):
 def regularizer_hparams(name: str) -> dict[str, Any]:
     if name not in REGULARIZERS:
         raise KeyError(f"unknown regularizer {name!r}; available: {', '.join(sorted(REGULARIZERS))}")
-    sig = inspect.signature(REGULARIZERS[name].__init__)
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {k: p.default for k, p in sig.parameters.items() if k != "self" and p.kind in kinds}
+    return keyword_parameters(REGULARIZERS[name].__init__, skip=("self",))
 
 
 def build_regularizer(name: str, method: Method, **hparams: Any) -> Regularizer:
