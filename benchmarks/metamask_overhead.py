@@ -58,19 +58,31 @@ VARIANTS: dict[str, dict | None] = {
     "mm_first_order": dict(grad_mode="first_order"),
     "mm_second_order": dict(grad_mode="second_order"),
     "mm_finite_difference": dict(grad_mode="finite_difference"),
+    "mm_fd_forward": dict(grad_mode="finite_difference", fd_scheme="forward"),
     "mm_official": dict(order="official", grad_mode="finite_difference"),
     "mm_so_heads": dict(second_order_params="heads"),
     "mm_fast": dict(virtual_params="heads", grad_mode="second_order"),
+    "mm_second_order_amp": dict(grad_mode="second_order", meta_precision="autocast"),
+    # the base model's passes alone, for the pass-count floor: forward (graph kept) and no-grad forward
+    "pass_forward": None,
+    "pass_forward_nograd": None,
 }
+PASSES = ("pass_forward", "pass_forward_nograd")
+#: MetaMask variants whose meta-gradient is compared with the exact fp32 one (same state)
+AGREEMENT = ("mm_first_order", "mm_finite_difference", "mm_fd_forward", "mm_so_heads", "mm_fast", "mm_second_order_amp")
 DESCRIPTION = {
     "base": "SimCLR, regularizer none",
     "mm_no_meta": "MetaMask encoder step only (mask + L_drr head), no meta step",
     "mm_first_order": "MetaMask reuse, first order",
     "mm_second_order": "MetaMask reuse, exact second order (default)",
     "mm_finite_difference": "MetaMask reuse, FD second order",
+    "mm_fd_forward": "MetaMask reuse, one-sided FD second order (base point from the real forward)",
     "mm_official": "MetaMask official order, FD second order",
     "mm_so_heads": "MetaMask reuse, full look-ahead, second-order term through the heads",
     "mm_fast": "MetaMask reuse, heads-only virtual step, exact second order",
+    "mm_second_order_amp": "MetaMask reuse, exact second order, meta passes under the step's autocast",
+    "pass_forward": "base model: forward + loss only (graph kept, no backward)",
+    "pass_forward_nograd": "base model: forward only, no grad",
 }
 
 
@@ -133,6 +145,38 @@ def build(variant: str, args, device: torch.device):
     return method, reg, opt, meta_opt
 
 
+def agreement(args, device: torch.device, views: list[torch.Tensor], autocast, names: list[str]) -> dict[str, dict[str, float]]:
+    """Each approximate variant's meta-gradient against the exact fp32 second-order one, at
+    the same state (one real step done, so momentum buffers exist; then the real backward of
+    the next step under the run's precision): cosine and relative error."""
+    from metassl.engine.step import encoder_objective
+    from metassl.regularizers import StepContext
+
+    method, reg, opt, meta_opt = build("mm_second_order", args, device)
+    with autocast():
+        training_step(method, reg, views, None, opt, meta_opt)
+        opt.zero_grad(set_to_none=True)
+        loss, _, out = encoder_objective(method, reg, views, None)
+        loss.backward()
+        ctx = StepContext(method=method, views=views, out=out, labels=None, encoder_optimizer=opt,
+                          lr=opt.param_groups[0]["lr"], progress=0.0, global_step=0)
+        defaults = dict(grad_mode="second_order", fd_scheme="central", meta_precision="fp32", virtual_params="all", second_order_params="all")
+
+        def meta_grad(options: dict) -> torch.Tensor:
+            for k, val in {**defaults, **options}.items():
+                setattr(reg, k, val)
+            return reg.compute_meta_gradient(ctx).grads["logits"].double()
+
+        ref = meta_grad({})
+        first = meta_grad({"grad_mode": "first_order"})
+        res = {"exact_second_order_term_rel": float((ref - first).norm() / ref.norm())}
+        for v in names:
+            if v in AGREEMENT:
+                g = meta_grad(VARIANTS[v])
+                res[v] = {"cosine": float(torch.nn.functional.cosine_similarity(g, ref, dim=0)), "rel_error": float((g - ref).norm() / ref.norm())}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="resnet18")
@@ -144,12 +188,14 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="comma-separated (default: all; mm_second_order_amp only with --precision bf16)")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.variants is None:
+        args.variants = ",".join(v for v in VARIANTS if v != "mm_second_order_amp" or args.precision == "bf16")
     names = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
@@ -157,7 +203,7 @@ def main() -> None:
     if "base" not in names:
         names.insert(0, "base")
 
-    setups = {v: build(v, args, device) for v in names}
+    setups = {v: build(v, args, device) for v in names if v not in PASSES}
     gen = torch.Generator().manual_seed(0)
     views = [torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device) for _ in range(2)]
     if args.channels_last:
@@ -168,8 +214,14 @@ def main() -> None:
         else contextlib.nullcontext
     )
 
+    def one_pass(v: str) -> None:
+        method = setups["base"][0]
+        with torch.no_grad() if v == "pass_forward_nograd" else contextlib.nullcontext():
+            loss = method.loss(method(views))
+        del loss
+
     def one_step(v: str) -> tuple[float, float, float]:
-        method, reg, opt, meta_opt = setups[v]
+        method, reg, opt, meta_opt = setups[v if v not in PASSES else "base"]
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -177,11 +229,15 @@ def main() -> None:
         with RSSPeak() as rss:
             t0, c0 = time.perf_counter(), time.process_time()
             with autocast():
-                logs = training_step(method, reg, views, None, opt, meta_opt)
+                if v in PASSES:
+                    one_pass(v)
+                    logs = None
+                else:
+                    logs = training_step(method, reg, views, None, opt, meta_opt)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if not torch.isfinite(logs["loss"]):
+        if logs is not None and not torch.isfinite(logs["loss"]):
             raise RuntimeError(f"{v}: non-finite loss")
         mem = (torch.cuda.max_memory_allocated() - base_mem) if device.type == "cuda" else rss.delta
         return dt, cpu, mem
@@ -189,6 +245,7 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in names}
     cpus: dict[str, list[float]] = {v: [] for v in names}
     mems: dict[str, list[float]] = {v: [] for v in names}
+    agree = agreement(args, device, views, autocast, names)
     load_before = os.getloadavg()
     t_start = time.time()
     for r in range(args.warmup + args.reps):
@@ -234,13 +291,26 @@ def main() -> None:
             f"{row['ratio_min']:.2f} | {row['cpu_ms']:.0f} | {row['ratio_cpu']:.2f} | {row['peak_mem_mib']:.0f} |"
         )
     table = "\n".join(lines)
+    floor = None
+    if "pass_forward_nograd" in names:
+        # any same-batch second-order step: MetaMask's encoder step + a forward and backward at θ'
+        # (v = ∇θ' L_outer) + at least one backbone pass for the mixed second derivative (one-sided FD)
+        enc = statistics.median(times["mm_no_meta"]) if "mm_no_meta" in names else base
+        floor = (enc + base + statistics.median(times["pass_forward_nograd"])) / base
+        table += (f"\n\nPass-count floor of any same-batch second-order meta step: {floor:.2f}× base "
+                  f"(encoder step {enc / base:.2f} + forward/backward at θ' 1.00 + one no-grad forward "
+                  f"{statistics.median(times['pass_forward_nograd']) / base:.2f}).")
+    if agree:
+        table += ("\n\nMeta-gradient vs exact fp32 second order (same state; the exact second-order term is "
+                  f"{agree['exact_second_order_term_rel']:.3f} of its norm): "
+                  + "; ".join(f"{k}: cos {d['cosine']:.4f}, rel. err {d['rel_error']:.3g}" for k, d in agree.items() if isinstance(d, dict)))
     info = dict(
         cpu=cpu_model(),
         cores=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         torch=torch.__version__,
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        dtype="float32" if args.precision == "fp32" else "bf16 autocast (meta step fp32)",
+        dtype="float32" if args.precision == "fp32" else "bf16 autocast (meta step fp32 unless meta_precision=autocast)",
         channels_last=args.channels_last,
         backbone=f"{args.backbone} (CIFAR stem)",
         batch=args.batch,
@@ -266,6 +336,8 @@ def main() -> None:
         machine=info,
         rows=rows,
         table=table,
+        floor_ratio=floor,
+        agreement=agree,
         times_ms={v: [t * 1e3 for t in ts] for v, ts in times.items()},
         cpu_ms={v: [t * 1e3 for t in ts] for v, ts in cpus.items()},
     )

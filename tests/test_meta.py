@@ -418,3 +418,38 @@ def test_ddp_equals_one_process_on_the_mean_objective(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for mode in DDP_MODES:
             torch.testing.assert_close(got[mode], expected[mode], rtol=1e-9, atol=1e-12)
+
+
+def test_forward_fd_scheme():
+    """fd_scheme=forward is the one-sided difference (g(θ+εu) - g(θ))/ε: first-order accurate
+    (error ∝ radius, larger than the central scheme's), and a given ∇φ L_inner(θ) (e.g. from
+    the real step) is used as its base point, giving the same result as computing it."""
+    model, w, inner, outer = make_problem(seed=6)
+    opt = sgd_with_state(model, 1, lr=0.3, momentum=0.9, weight_decay=5e-4)
+    params = named(model)
+    common = dict(step=VirtualStep(), optimizer=opt, modules=[model])
+    first = meta_gradient(params, {"w": w}, outer, inner, mode="first_order", **common)
+    exact = meta_gradient(params, {"w": w}, outer, inner, mode="second_order", **common).grads["w"] - first.grads["w"]
+    errors = {}
+    for radius in (1e-2, 1e-3):
+        for scheme in ("central", "forward"):
+            fd = meta_gradient(params, {"w": w}, outer, inner, mode="finite_difference", radius=radius, fd_scheme=scheme, **common)
+            errors[scheme, radius] = float((fd.grads["w"] - first.grads["w"] - exact).norm() / exact.norm())
+    assert errors["forward", 1e-3] < 1e-2
+    assert 5 < errors["forward", 1e-2] / errors["forward", 1e-3] < 20  # O(radius)
+    assert errors["central", 1e-2] < 0.1 * errors["forward", 1e-2]
+
+    with frozen_bn_stats([model]):
+        phi = {"w": w.detach().requires_grad_(True)}
+        (here,) = torch.autograd.grad(inner({k: p.detach() for k, p in params.items()}, phi), [phi["w"]])
+    kw = dict(mode="finite_difference", radius=1e-3, fd_scheme="forward", **common)
+    computed = meta_gradient(params, {"w": w}, outer, inner, **kw)
+    given = meta_gradient(params, {"w": w}, outer, inner, inner_meta_grads={"w": here}, **kw)
+    torch.testing.assert_close(given.grads["w"], computed.grads["w"], rtol=1e-12, atol=1e-14)
+    shifted = meta_gradient(params, {"w": w}, outer, inner, inner_meta_grads={"w": here + 1.0}, **kw)
+    eps = given.stats["fd_eps"]
+    torch.testing.assert_close(shifted.grads["w"] - given.grads["w"], torch.full_like(here, -1.0 / eps), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="fd_scheme"):
+        meta_gradient(params, {"w": w}, outer, inner, mode="finite_difference", fd_scheme="backward", **common)
+    with pytest.raises(ValueError, match="inner_meta_grads"):
+        meta_gradient(params, {"w": w}, outer, inner, inner_meta_grads={"x": here}, **kw)

@@ -295,3 +295,54 @@ def test_bf16_autocast_step():
         logs = training_step(m, reg, views_for(), None, opt, meta_opt)
     assert torch.isfinite(logs["loss"]) and reg.mask_logits.dtype == torch.float32
     assert torch.isfinite(reg.mask_logits.grad).all() and reg.mask_logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", [dict(), dict(virtual_params="heads"), dict(second_order_params="heads")], ids=["all", "virtual-heads", "implicit-heads"])
+def test_forward_fd_base_point_from_the_real_forward(case, monkeypatch):
+    """fd_scheme=forward with order=reuse takes ∇w L_inner(θ_t) from the real forward's features
+    (heads only): the same meta-gradient as a full-precision recomputation by the engine, and
+    close to the exact second-order one (first-order accurate in the radius)."""
+    m, reg = make(dtype=DT, grad_mode="finite_difference", fd_scheme="forward", fd_radius=1e-5, **case)
+    with torch.no_grad():
+        reg.mask_logits.copy_(0.3 * torch.randn(FEAT, dtype=DT))
+    opt = encoder_opt(m, reg, lr=0.3)
+    training_step(m, reg, views_for(DT, seed=7), None, opt, None)
+    ctx = real_backward(m, reg, opt, views_for(DT))
+    replayed = reg.compute_meta_gradient(ctx).grads["logits"]
+    if not case:  # the base point replays the real forward's features; θ' and θ+εu run the backbone
+        assert reg.last_replay == {"replayed": 2, "computed": 0}
+    monkeypatch.setattr(MetaMask, "_full_precision_features", staticmethod(lambda ctx, ref: False))
+    fresh = reg.compute_meta_gradient(ctx).grads["logits"]
+    torch.testing.assert_close(replayed, fresh, rtol=1e-7, atol=1e-10)
+    reg.grad_mode = "second_order"
+    exact = reg.compute_meta_gradient(ctx).grads["logits"]
+    reg.grad_mode = "first_order"
+    first = reg.compute_meta_gradient(ctx).grads["logits"]
+    assert (replayed - exact).norm() <= 1e-3 * (exact - first).norm()
+
+
+def test_meta_precision_autocast():
+    """meta_precision=autocast runs the meta passes under the step's bf16 autocast: float32
+    meta-gradients close to the fp32 ones on the first-order part (bf16 rounding), the
+    same as fp32 without autocast; finite differences refuse it."""
+    m, reg = make(grad_mode="first_order")
+    with torch.no_grad():
+        reg.mask_logits.copy_(0.3 * torch.randn(FEAT))
+    opt = encoder_opt(m, reg, lr=0.3)
+    training_step(m, reg, views_for(seed=7), None, opt, None)
+    views = views_for(n=32)
+    ctx = real_backward(m, reg, opt, views)
+    plain = reg.compute_meta_gradient(ctx).grads["logits"]
+    reg.meta_precision = "autocast"
+    torch.testing.assert_close(reg.compute_meta_gradient(ctx).grads["logits"], plain)  # no autocast active: identical
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ctx = real_backward(m, reg, opt, views)
+        low = reg.compute_meta_gradient(ctx).grads["logits"]
+        reg.meta_precision = "fp32"
+        full = reg.compute_meta_gradient(ctx).grads["logits"]
+        reg.grad_mode, reg.meta_precision = "second_order", "autocast"
+        assert reg.compute_meta_gradient(ctx).grads["logits"].dtype == torch.float32
+    assert low.dtype == torch.float32 and not torch.equal(low, full)
+    assert torch.nn.functional.cosine_similarity(low, full, dim=0) > 0.99
+    with pytest.raises(ValueError, match="meta_precision"):
+        make(grad_mode="finite_difference", meta_precision="autocast")

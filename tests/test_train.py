@@ -103,3 +103,17 @@ def test_every_method_trains(method, tmp_path):
     assert main(overrides + small.get(method, [])) == 0
     summary = json.loads((tmp_path / method / "summary.json").read_text())
     assert summary["method"] == method and summary["steps"] == 2
+
+
+def test_compiled_metamask_run_checkpoints_like_an_eager_one(tmp_path, capsys):
+    """trainer.compile=true compiles the backbone in place: the meta step runs (eagerly) and the
+    checkpoint has the eager parameter names, so eval and export need no unwrapping."""
+    out = tmp_path / "compiled"
+    args = ["train", "protocol=smoke", "regularizer=metamask", "trainer.compile=true", f"output_dir={out}",
+            "data.num_train=96", "data.num_test=40", "trainer.max_steps=2", "eval.linear_probe=false"]
+    assert main(args) == 0
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert not [k for k in state if "_orig_mod" in k] and any(k.startswith("method.backbone.") for k in state)
+    capsys.readouterr()
+    assert main(["eval", "knn", "--ckpt", str(out / "checkpoints" / "last.ckpt")]) == 0
+    assert json.loads(capsys.readouterr().out)["regularizer"] == "metamask"

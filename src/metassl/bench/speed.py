@@ -82,10 +82,12 @@ DEFAULT_OPTIMIZER = {"name": "sgd", "lr": 0.06, "momentum": 0.9, "weight_decay":
 class Variant:
     precision: str  # fp32 | bf16
     channels_last: bool
+    #: the backbone compiled in place with ``torch.compile`` (as ``trainer.compile=true``)
+    compile: bool = False
 
     @property
     def label(self) -> str:
-        return self.precision + (" + channels_last" if self.channels_last else "")
+        return self.precision + (" + channels_last" if self.channels_last else "") + (" + compile" if self.compile else "")
 
 
 @dataclass
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="bf16 = autocast around the step")
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=True, help="(default)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="torch.compile the backbone in place (as trainer.compile=true), for metassl and lightly alike: "
+                   "off (default), on, or both (every configuration eager and compiled; the compiled ones' first "
+                   "steps, which compile, are untimed warm-up)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per configuration and round, at most (default 1; 3 with --quick); see --round-time")
     p.add_argument("--round-time", type=float, default=None,
@@ -402,6 +408,8 @@ def build_metassl_case(args: argparse.Namespace, method_name: str, reg_name: str
     reg.to(args.device).train()
     if variant.channels_last:  # as SSLModule.on_fit_start
         method.to(memory_format=torch.channels_last)
+    if variant.compile:  # as train() with trainer.compile=true
+        method.backbone.compile()
     named = list(method.named_parameters()) + [
         (f"regularizer.{n}", p) for n, p in reg.named_parameters() if any(p is q for q in reg.encoder_parameters())
     ]
@@ -504,6 +512,8 @@ def build_lightly_case(args: argparse.Namespace, method_name: str, variant: Vari
     model = _LightlyModel(method_name, backbone, feat_dim, _method_hparams(method_name)).to(args.device).train()
     if variant.channels_last:
         model.to(memory_format=torch.channels_last)
+    if variant.compile:  # the same backbone compiled the same way: a like-for-like control
+        model.backbone.compile()
     lr = DEFAULT_OPTIMIZER["lr"] * args.batch / 256
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=DEFAULT_OPTIMIZER["momentum"], weight_decay=DEFAULT_OPTIMIZER["weight_decay"])
@@ -613,6 +623,7 @@ def _case_result(case: Case, args: argparse.Namespace) -> dict[str, Any]:
         "regularizer": case.regularizer,
         "precision": case.variant.precision,
         "channels_last": case.variant.channels_last,
+        "compile": case.variant.compile,
         "params_mb": round(case.param_bytes / 2**20, 1),
     }
     if case.error or not case.round_times:
@@ -640,18 +651,21 @@ def _case_result(case: Case, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:
-    by_key = {(r["impl"], r["method"], r["regularizer"], r["precision"], r["channels_last"]): r for r in results}
+    by_key = {(r["impl"], r["method"], r["regularizer"], r["precision"], r["channels_last"], r["compile"]): r for r in results}
     for r in results:
         if "step_time_s" not in r:
             continue
         if r["impl"] == "metassl" and r["regularizer"] != "none":
-            base = by_key.get(("metassl", r["method"], "none", r["precision"], r["channels_last"]))
+            base = by_key.get(("metassl", r["method"], "none", r["precision"], r["channels_last"], r["compile"]))
             if base and "step_time_s" in base:
                 r["overhead_vs_base"] = round(r["step_time_s"] / base["step_time_s"], 3)
         if r["impl"] == "metassl" and r["regularizer"] == "none":
-            other = by_key.get(("lightly", r["method"], "none", r["precision"], r["channels_last"]))
+            other = by_key.get(("lightly", r["method"], "none", r["precision"], r["channels_last"], r["compile"]))
             if other and "step_time_s" in other:
                 r["time_ratio_vs_lightly"] = round(r["step_time_s"] / other["step_time_s"], 3)
+            eager = by_key.get(("lightly", r["method"], "none", r["precision"], r["channels_last"], False))
+            if r["compile"] and eager and "step_time_s" in eager:  # what a user of either library gets out of the box
+                r["time_ratio_vs_lightly_eager"] = round(r["step_time_s"] / eager["step_time_s"], 3)
 
 
 def measure_data_pipeline(args: argparse.Namespace, families: list[str]) -> list[dict[str, Any]]:
@@ -721,6 +735,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         methods = _select(args.methods, methods_all, "method")
         regs = ["none"] + (_select(args.regularizers, regs_all, "regularizer") if args.regularizers else [])
         variants = [Variant(args.precision, args.channels_last)]
+    if args.compile == "on":
+        variants = [Variant(v.precision, v.channels_last, True) for v in variants]
+    elif args.compile == "both":
+        variants = [Variant(v.precision, v.channels_last, c) for v in variants for c in (False, True)]
     lightly_reason = None if not args.no_lightly else "lightly column disabled (--no-lightly)"
     if lightly_reason is None:
         lightly_reason = _lightly_available()
@@ -770,7 +788,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "backbone": args.backbone, "batch": args.batch, "views": NUM_VIEWS, "image_size": args.image_size,
             "variants": [v.label for v in variants], "device": args.device, "steps": args.steps, "warmup": args.warmup,
-            "repeats": args.repeats, "round_time": args.round_time, "retries": args.retries, "busy_threshold": args.busy_threshold, "quick": args.quick, "fastpath": args.fastpath,
+            "repeats": args.repeats, "round_time": args.round_time, "retries": args.retries, "busy_threshold": args.busy_threshold, "quick": args.quick, "fastpath": args.fastpath, "compile": args.compile,
         },
         "results": results,
         "data_pipeline": data,
@@ -799,15 +817,15 @@ def to_markdown(result: dict[str, Any]) -> str:
             "| lightly views/s | metassl / lightly (time) |")
     lines += [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = result["results"]
-    lightly = {(r["method"], r["precision"], r["channels_last"]): r for r in rows if r["impl"] == "lightly"}
+    lightly = {(r["method"], r["precision"], r["channels_last"], r["compile"]): r for r in rows if r["impl"] == "lightly"}
     for r in rows:
         if r["impl"] != "metassl":
             continue
-        prec = r["precision"] + (" + cl" if r["channels_last"] else "")
+        prec = r["precision"] + (" + cl" if r["channels_last"] else "") + (" + compile" if r["compile"] else "")
         if "error" in r:
             lines.append(f"| {r['method']} | {r['regularizer']} | {prec} | failed: {r['error'][:80]} | | | | | | |")
             continue
-        lt = lightly.get((r["method"], r["precision"], r["channels_last"])) if r["regularizer"] == "none" else None
+        lt = lightly.get((r["method"], r["precision"], r["channels_last"], r["compile"])) if r["regularizer"] == "none" else None
         lv = _fmt(lt.get("views_per_s"), ".1f") if lt and "views_per_s" in lt else ("failed" if lt else "")
         ratio = _fmt(r.get("time_ratio_vs_lightly"), ".2f") if r["regularizer"] == "none" and lt else ""
         over = _fmt(r.get("overhead_vs_base"), ".2f") + "×" if r["regularizer"] != "none" and r.get("overhead_vs_base") else ""
@@ -818,6 +836,11 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['method']} | {r['regularizer']} | {prec} | {r['step_time_s']:.3f} | {r['step_time_min_s']:.3f} | {r['views_per_s']:.1f} | {over} | "
             f"{_fmt(r.get('step_mem_mb'), '.0f')} | {lv} | {ratio} |"
         )
+    out_of_box = [r for r in rows if r["impl"] == "metassl" and r.get("time_ratio_vs_lightly_eager") is not None]
+    if out_of_box:
+        lines += ["", "metassl with `trainer.compile=true` against lightly as written (eager), step time ratio: "
+                  + ", ".join(f"{r['method']} {r['time_ratio_vs_lightly_eager']:.2f}" for r in out_of_box)
+                  + " (the compiled lightly rows above are the like-for-like control)."]
     busy = [r["others_cpu_cores"] for r in rows if r.get("others_cpu_cores") is not None]
     if busy and max(busy) > 0.2:
         lines += ["", f"**Shared machine:** other processes used {statistics.mean(busy):.2f} CPU cores on average (up to "

@@ -144,7 +144,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(str(err).strip("'\"").splitlines()[0]) from None
     module.knn_val_mask = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
     if cfg.trainer.compile:
-        module.method.backbone = torch.compile(module.method.backbone)
+        # in place (nn.Module.compile): parameter names and checkpoint keys stay those of the
+        # eager model, so a compiled run resumes, evaluates and exports like any other
+        module.method.backbone.compile()
     train_loader, val_loaders = make_loaders(cfg, bundle)
 
     out.mkdir(parents=True, exist_ok=True)

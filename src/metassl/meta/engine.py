@@ -31,7 +31,12 @@ Nothing is copied: loss callables receive parameter dicts and evaluate the model
     The official MetaMask / DARTS approximation of the second-order term:
     ``(∇φ L_inner(θ + εu, φ) - ∇φ L_inner(θ - εu, φ)) / (2ε)`` with ``ε = radius/‖u‖``.
     For ``u = -lr·v`` this is exactly the official ``∇φ L(θ',φ) - η (g⁺ - g⁻)/(2R)`` with
-    ``θ± = θ ± R v``, ``R = radius/‖v‖``.
+    ``θ± = θ ± R v``, ``R = radius/‖v‖`` (``fd_scheme="central"``, error O(ε²)).
+    ``fd_scheme="forward"``: the one-sided ``(∇φ L_inner(θ + εu, φ) - ∇φ L_inner(θ, φ)) / ε``
+    (error O(ε)); it saves one pass when the caller already has ``∇φ L_inner(θ, φ)`` (e.g.
+    from the real step's own forward) and passes it as ``inner_meta_grads``.  That value
+    must be computed in the same precision as the shifted pass (full precision): the
+    difference of two nearby gradients is lost in bf16 rounding.
 
 Guarantees, whatever the mode:
 
@@ -42,7 +47,12 @@ Guarantees, whatever the mode:
   transforms);
 - the optimizer and its state are only read; ``.grad`` of real parameters is not touched;
 - the whole computation runs in full precision with autocast disabled (callers cast their
-  inputs; parameters are used in their own dtype);
+  inputs; parameters are used in their own dtype), unless ``full_precision=False``: then it
+  runs under the caller's autocast (bf16 / fp16 passes at the speed of the real step;
+  ``finite_difference`` refuses this, a difference quotient of bf16 gradients is noise);
+- modules compiled with ``torch.compile`` run eagerly here (``functional_call`` swaps in new
+  parameter tensors every pass, which would only trigger recompilations, and ``torch.func``
+  transforms of compiled code are not needed);
 - under ``torch.distributed`` with world size > 1 the meta-gradients are averaged over
   ranks once (one flat all-reduce).  For exactness two more averages happen where needed,
   as DDP does for parameter gradients: a *fresh* inner gradient (so every rank takes the
@@ -58,6 +68,7 @@ parameters still take the virtual step.  Exact when it is all of them (default).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -183,6 +194,13 @@ def _grad_phi_fn(inner_loss: LossFn, meta: dict[str, torch.Tensor]):
     return fn
 
 
+def _inner_meta_grad(inner_loss: LossFn, theta: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``∇φ L_inner(θ, φ)`` (θ constant: no graph through it)."""
+    phi = {k: _leaf(v) for k, v in meta.items()}
+    g = torch.autograd.grad(inner_loss(theta, phi), list(phi.values()), allow_unused=True)
+    return dict(zip(phi, _grad_or_zero(g, list(phi.values()))))
+
+
 def _second_order_term(
     inner_loss: LossFn,
     theta: dict[str, torch.Tensor],
@@ -190,15 +208,21 @@ def _second_order_term(
     u: dict[str, torch.Tensor],
     mode: str,
     radius: float,
+    fd_scheme: str = "central",
+    at_theta: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """``D_u ∇φ L_inner(θ, φ)``: exact (jvp) or central finite difference."""
+    """``D_u ∇φ L_inner(θ, φ)``: exact (jvp) or a central / forward finite difference
+    (``at_theta``: ``∇φ L_inner(θ, φ)`` if already known, for the forward scheme)."""
     u_norm = _norm(u)
     if u_norm == 0.0:
         return {k: torch.zeros_like(v) for k, v in meta.items()}, {"u_norm": 0.0}
     if mode == "forward":
         # no_grad: torch.func.grad still differentiates (it is a transform), but nothing is
         # recorded for ordinary autograd (e.g. for captured parameters that require grad)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch registers its jvp decompositions with torch.jit.script on first use and
+            # warns that torch.jit.script is deprecated: torch's own business, not the user's
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
             try:
                 _, tangent = torch.func.jvp(_grad_phi_fn(inner_loss, meta), (theta,), (u,))
             except RuntimeError as err:
@@ -211,16 +235,14 @@ def _second_order_term(
                     f"first_order there. ({str(err).splitlines()[0]})"
                 ) from err
         return {k: t.detach() for k, t in tangent.items()}, {"u_norm": u_norm}
-    # finite difference (DARTS / official MetaMask)
+    # finite difference (DARTS / official MetaMask: central)
     eps = radius / u_norm
-    out: list[dict[str, torch.Tensor]] = []
-    for sign in (1.0, -1.0):
-        shifted = {k: theta[k] + (sign * eps) * u[k] for k in theta}
-        phi = {k: _leaf(v) for k, v in meta.items()}
-        loss = inner_loss(shifted, phi)
-        g = torch.autograd.grad(loss, list(phi.values()), allow_unused=True)
-        out.append(dict(zip(phi, _grad_or_zero(g, list(phi.values())))))
-    return {k: (out[0][k] - out[1][k]) / (2 * eps) for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
+    plus = _inner_meta_grad(inner_loss, {k: theta[k] + eps * u[k] for k in theta}, meta)
+    if fd_scheme == "central":
+        minus = _inner_meta_grad(inner_loss, {k: theta[k] - eps * u[k] for k in theta}, meta)
+        return {k: (plus[k] - minus[k]) / (2 * eps) for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
+    here = _inner_meta_grad(inner_loss, theta, meta) if at_theta is None else {k: at_theta[k].detach() for k in meta}
+    return {k: (plus[k] - here[k].to(plus[k].dtype)) / eps for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -237,6 +259,9 @@ def meta_gradient(
     second_order_method: str = "auto",
     second_order_params: Iterable[str] | None = None,
     radius: float = 1e-2,
+    fd_scheme: str = "central",
+    inner_meta_grads: Mapping[str, torch.Tensor] | None = None,
+    full_precision: bool = True,
     modules: Iterable[nn.Module] = (),
     distributed: bool | None = None,
     skip_nonfinite: bool = True,
@@ -268,6 +293,13 @@ def meta_gradient(
         ``first_order | second_order | finite_difference``; exact second order by
         ``forward`` (jvp) or ``reverse`` (create_graph) or ``auto``; the finite-difference
         radius (official 1e-2).
+    full_precision
+        ``True``: autocast off (default).  ``False``: keep the caller's autocast (faster under
+        bf16; not for ``finite_difference``).  Outputs are float32 either way.
+    fd_scheme, inner_meta_grads
+        ``central`` (official) or ``forward`` finite difference; for ``forward``,
+        ``inner_meta_grads`` = ``∇φ L_inner(θ, φ)`` at the unshifted θ if the caller has it
+        (full precision, this rank's value), else it is computed here (one more pass).
     second_order_params
         Names (a subset of ``params``) through which ``θ'`` is differentiated with respect
         to ``φ``; ``None`` = all of ``params`` (exact).  A strict subset drops the other
@@ -280,6 +312,12 @@ def meta_gradient(
     """
     if mode not in GRAD_MODES:
         raise ValueError(f"meta-gradient mode must be one of {', '.join(GRAD_MODES)}; got {mode!r}")
+    if mode == "finite_difference" and not full_precision:
+        raise ValueError("finite_difference needs full_precision=True (a difference quotient of reduced-precision gradients is rounding noise)")
+    if fd_scheme not in ("central", "forward"):
+        raise ValueError(f"fd_scheme must be central or forward; got {fd_scheme!r}")
+    if inner_meta_grads is not None and set(inner_meta_grads) != set(meta_params):
+        raise ValueError(f"inner_meta_grads must have the keys of meta_params ({', '.join(meta_params)})")
     if second_order_method not in ("auto", "forward", "reverse"):
         raise ValueError(f"second_order_method must be auto, forward or reverse; got {second_order_method!r}")
     if inner_loss is None and (mode != "first_order" or inner_grads is None):
@@ -308,7 +346,8 @@ def meta_gradient(
     theta = {k: params[k].detach() for k in names}
     meta_names = list(meta_params)
 
-    with full_precision_context(device), frozen_bn_stats(modules), torch.enable_grad():
+    precision = full_precision_context(device) if full_precision else contextlib.nullcontext()
+    with precision, frozen_bn_stats(modules), torch.compiler.set_stance("force_eager"), torch.enable_grad():
         if mode == "second_order" and method == "reverse":
             return _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite)
 
@@ -353,6 +392,8 @@ def meta_gradient(
                 u,
                 "forward" if mode == "second_order" else "finite_difference",
                 radius,
+                fd_scheme,
+                inner_meta_grads,
             )
             stats.update(extra)
             stats["second_order_norm"] = _norm(term)

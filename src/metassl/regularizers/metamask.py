@@ -72,7 +72,18 @@ Options (every shortcut is explicit; defaults in brackets)
     second-order term is lost); cost: the outer backward stops at the heads and the
     second-order pass runs on replayed features, so the step costs about one no-grad
     backbone forward more than the real step.
+``meta_precision`` [``fp32``]: the meta step's passes in full precision whatever the
+    training precision (autocast off), or ``autocast``: under the real step's autocast
+    (bf16-mixed: the meta passes run at bf16 speed, ~3× faster on CPU; the meta-gradient
+    then carries bf16 rounding, measured in ``tests/test_metamask.py``; not with
+    ``finite_difference``).  Same as ``fp32`` when training in fp32.
 ``fd_radius`` [1e-2]: the official finite-difference radius ``r``.
+``fd_scheme`` [``central``]: ``central`` is the official ``(g⁺ - g⁻)/2R`` (error O(r²)).
+    ``forward`` is one-sided, ``(g⁺ - g⁰)/R`` (error O(r)), where ``g⁰ = ∇_w L_inner(θ_t)``
+    comes from the real forward's features (heads-only pass) with ``order=reuse`` when the
+    real step ran in full precision, saving one backbone forward; otherwise (``official``,
+    or a bf16 real step whose features are too coarse for a difference quotient) ``g⁰`` is
+    computed by a full-precision pass and nothing is saved.
 ``meta_lr, meta_momentum, meta_weight_decay, meta_scheduler`` [1e-3, 0.9, 5e-4, cosine]:
     the mask optimizer, SGD with the official values; ``cosine`` anneals to 0 over
     training per step (the official anneals per epoch), ``constant`` is the paper's
@@ -82,7 +93,8 @@ Options (every shortcut is explicit; defaults in brackets)
 
 Cost (passes beyond the real step; F = forward, B = backward of the encoder):
 ``reuse``/``all``/``second_order``: outer F+B at θ' + one jvp at θ (primal + tangent,
-about one more F+B); ``finite_difference``: F+B + 2 no-grad F; ``first_order``: one
+about one more F+B); ``finite_difference``: F+B + 2 no-grad F (``fd_scheme=forward``:
+F+B + 1 no-grad F); ``first_order``: one
 no-grad F at θ' + heads; ``second_order_params=heads``: first order + a heads-only jvp;
 ``virtual_params=heads``: heads only.  ``official`` adds a fresh F+B at θ_{t+1}.
 Measured (``benchmarks/metamask_overhead.py``, ResNet-18 CIFAR, batch 64×2, fp32, one CPU
@@ -114,7 +126,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metassl.losses import barlow_twins_loss
-from metassl.meta import GRAD_MODES, MetaGradient, VirtualStep, meta_gradient
+from metassl.meta import GRAD_MODES, MetaGradient, VirtualStep, frozen_bn_stats, full_precision_context, meta_gradient
 from metassl.methods.base import Method
 from metassl.models.heads import ProjectionHead
 from metassl.regularizers.base import Regularizer, StepContext, register_regularizer
@@ -195,6 +207,8 @@ class MetaMask(Regularizer):
         drr_num_layers: int = 3,
         sigmoid: bool = True,
         grad_mode: str = "second_order",
+        fd_scheme: str = "central",
+        meta_precision: str = "fp32",
         order: str = "reuse",
         virtual_step: str = "mirror",
         virtual_lr: float | None = None,
@@ -209,6 +223,8 @@ class MetaMask(Regularizer):
         super().__init__()
         choices = {
             "grad_mode": (grad_mode, GRAD_MODES),
+            "fd_scheme": (fd_scheme, ("central", "forward")),
+            "meta_precision": (meta_precision, ("fp32", "autocast")),
             "order": (order, ("reuse", "official")),
             "virtual_step": (virtual_step, ("mirror", "sgd")),
             "virtual_params": (virtual_params, ("all", "heads")),
@@ -232,6 +248,11 @@ class MetaMask(Regularizer):
         self.virtual_params = virtual_params
         self.second_order_params = second_order_params
         self.fd_radius = float(fd_radius)
+        self.fd_scheme = fd_scheme
+        if meta_precision == "autocast" and grad_mode == "finite_difference":
+            raise ValueError("metamask: meta_precision=autocast needs grad_mode second_order or first_order "
+                             "(finite differences of bf16 gradients are rounding noise); use meta_precision=fp32")
+        self.meta_precision = meta_precision
         self.meta_lr, self.meta_momentum, self.meta_weight_decay = float(meta_lr), float(meta_momentum), float(meta_weight_decay)
         self.meta_scheduler = meta_scheduler
         self.mask_logits: nn.Parameter | None = None
@@ -325,17 +346,24 @@ class MetaMask(Regularizer):
         def outer(params, meta):
             return method.loss(forward(params, meta))
 
-        def inner(params, meta):
-            out = forward(params, meta)
+        def objective(out, drr: bool):
             if not with_drr:
                 return method.loss(out)
             loss = self.base_weight * method.loss(out)
-            if moves_backbone(params):
+            if drr:
                 z = [functional_call(self.drr_projector, drr_fixed, (x,)) for x in out["f"][:2]]
                 loss = loss + self.weight_drr * barlow_twins_loss(z[0], z[1], lambd=self.drr_lambda)
             return loss
 
-        return outer, inner
+        def inner(params, meta):
+            return objective(forward(params, meta), moves_backbone(params))
+
+        def inner_here(meta, drr: bool):
+            """The inner loss at the current weights from the replayed features (heads only);
+            ``drr`` as in the passes it is compared with."""
+            return objective(forward({}, meta), drr)
+
+        return outer, inner, inner_here
 
     def _step_rule(self, lr: float) -> VirtualStep:
         if self.virtual_step == "mirror":
@@ -363,6 +391,8 @@ class MetaMask(Regularizer):
             mode=self.grad_mode,
             second_order_params=implicit,
             radius=self.fd_radius,
+            fd_scheme=self.fd_scheme,
+            full_precision=self.meta_precision == "fp32",
             modules=[method, self],
             distributed=ctx.distributed,
         )
@@ -372,11 +402,29 @@ class MetaMask(Regularizer):
             scale = getattr(ctx, "grad_scale", None) or ctx.cache.get("grad_scale")
             inv = 1.0 / float(scale) if scale else 1.0
             grads = {n: (None if p.grad is None else p.grad.detach() * inv) for n, p in params.items()}
-            outer, inner = self._loss_fns(method, views, [h.detach().to(ref.dtype) for h in ctx.out["h"]], with_drr=True)
+            outer, inner, inner_here = self._loss_fns(method, views, [h.detach().to(ref.dtype) for h in ctx.out["h"]], with_drr=True)
+            if self.grad_mode == "finite_difference" and self.fd_scheme == "forward" and self._full_precision_features(ctx, ref):
+                # the one-sided difference's base point ∇w L_inner(θ_t) from the real forward's
+                # features: heads only, no backbone pass (L_drr included iff the shifted passes
+                # move the backbone, so that both points are the same function)
+                moved = implicit if implicit is not None else list(params)
+                drr = any(n.startswith("backbone.") for n in moved)
+                with full_precision_context(ref.device), frozen_bn_stats([method, self]), torch.enable_grad():
+                    w = self.mask_logits.detach().requires_grad_(True)
+                    (g,) = torch.autograd.grad(inner_here({"logits": w}, drr), [w])
+                kw["inner_meta_grads"] = {"logits": g}
             return meta_gradient(params, phi, outer, inner, inner_grads=grads, **kw)
         # official: fresh gradient of L_base alone (weight 1) at the updated weights
-        outer, inner = self._loss_fns(method, views, None, with_drr=False)
+        outer, inner, _ = self._loss_fns(method, views, None, with_drr=False)
         return meta_gradient(params, phi, outer, inner, **kw)
+
+    @staticmethod
+    def _full_precision_features(ctx: StepContext, ref: torch.Tensor) -> bool:
+        """The real forward ran without autocast and its features are in the parameters' dtype
+        (only then may they stand in for the full-precision passes of the meta step)."""
+        h = ctx.out["h"]
+        autocast = torch.is_autocast_enabled(ref.device.type) or torch.is_autocast_enabled("cpu")
+        return not autocast and all(x.dtype == ref.dtype for x in h)
 
     def before_encoder_step(self, ctx: StepContext) -> None:
         if self.order == "reuse":
