@@ -53,10 +53,10 @@ batch ``N = 10`` (5 per rank).  Tolerance: ``rtol = 1e-6, atol = 1e-9`` (float64
 to summation order and the amplification of two optimizer steps); the finite-difference
 meta-gradient is compared the same way (it is deterministic given its inputs).
 
-Finally a 2-process end-to-end run of the CLI (``strategy=ddp``: Lightning's launcher
-re-runs the command per rank; ``ddp_spawn`` also trains but its run summary reports 0
-steps and 0 epochs, see the test) must exit 0, print its result once and write one
-``summary.json`` with ``world_size`` 2.
+Finally 2-process end-to-end runs of the CLI (``strategy=ddp``: Lightning's launcher
+re-runs the command per rank; ``ddp_spawn``: child processes train, the launching process
+evaluates and writes the run folder) must exit 0, print their result once and write one
+``summary.json`` with ``world_size`` 2 and the steps taken.
 """
 
 from __future__ import annotations
@@ -752,16 +752,17 @@ def test_moco_shuffle_bn_keys(ddp_results):
 
 
 # -- end to end: the CLI with 2 processes -------------------------------------------------------------
-def test_cli_two_process_ddp_smoke(tmp_path):
-    """``metassl train trainer.devices=2 trainer.strategy=ddp`` on CPU (gloo).
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_cli_two_process_ddp_smoke(tmp_path, strategy):
+    """``metassl train trainer.devices=2 trainer.strategy=ddp|ddp_spawn`` on CPU (gloo).
 
     ``ddp`` is the strategy to use from the console script: Lightning's launcher re-runs the
-    same command line for rank 1.  (``ddp_spawn`` trains as well, but the run summary, made
-    in the launching process, reports ``steps: 0`` and ``epochs: 0``.)"""
+    same command line for rank 1.  Under ``ddp_spawn`` the launching process's trainer never
+    steps; the summary takes steps and epochs from rank 0's last checkpoint."""
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "metassl.cli", "train", "protocol=smoke", "trainer.accelerator=cpu",
-        "trainer.devices=2", "trainer.strategy=ddp", f"output_dir={out}", "data.num_train=160",
+        "trainer.devices=2", f"trainer.strategy={strategy}", f"output_dir={out}", "data.num_train=160",
         "data.num_test=60", "method.proj_hidden_dim=64", "method.proj_output_dim=32", "batch_size=16",
         "trainer.max_steps=3",
     ]

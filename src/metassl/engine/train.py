@@ -170,14 +170,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loggers = loggers[1:]
 
     has_val = float(cfg.eval.val_fraction) > 0
-    checkpoint = ModelCheckpoint(
-        dirpath=str(out / "checkpoints"),
-        filename="best",
-        monitor="val/knn_top1" if has_val else None,
-        mode="max",
-        save_last=True,
-        save_top_k=1 if has_val else 0,
-    )
+    # Two callbacks: Lightning (>= 2.5) writes a ModelCheckpoint's ``save_last`` file only when its
+    # top-k file is written too, so with a monitor the "last" checkpoint would stay at the best
+    # epoch.  "last" is therefore its own unmonitored checkpoint, rewritten at every epoch end.
+    callbacks = [ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
+                                 save_on_train_epoch_end=True, enable_version_counter=False)]
+    if has_val:
+        callbacks.append(ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val/knn_top1",
+                                         mode="max", save_top_k=1, enable_version_counter=False))
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs,
         max_steps=cfg.trainer.max_steps,
@@ -194,7 +194,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[checkpoint],
+        callbacks=callbacks,
         logger=loggers,
         default_root_dir=str(out),
     )
@@ -225,6 +225,14 @@ def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: D
     )
     merge_metrics(out)
     rows = read_metrics(out / "metrics.csv")
+    epochs, steps = int(trainer.current_epoch), int(trainer.global_step)
+    last = out / "checkpoints" / "last.ckpt"
+    if steps == 0 and last.is_file():
+        # spawn strategies (ddp_spawn) train in child processes: this process's trainer never
+        # stepped, but rank 0 wrote the last checkpoint (and Lightning copied its weights back)
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        steps = int(state.get("global_step", 0))
+        epochs = int(state.get("epoch", -1)) + 1  # saved at the end of that (0-based) epoch
     best = best_val_epoch(rows)
     test_by_epoch = [r["test/knn_top1"] for r in rows if "test/knn_top1" in r]
     summary = {
@@ -233,8 +241,8 @@ def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: D
         "knn_top1_best_val": best.get("test/knn_top1") if best else None,
         "best_val_epoch": int(best["epoch"]) + 1 if best else None,
         "knn_top1_max_over_epochs_test_selected": max(test_by_epoch) if test_by_epoch else None,
-        "epochs": int(trainer.current_epoch),
-        "steps": int(trainer.global_step),
+        "epochs": epochs,
+        "steps": steps,
         "method": cfg.method.name,
         "regularizer": cfg.regularizer.name,
         "backbone": cfg.backbone.name,
