@@ -42,11 +42,12 @@ def test_smoke_protocol_sets_tiny_run():
         ("+method.tau=3", "method.tau"),
         ("+foo=1", "unknown config key 'foo'"),
         ("eval.features=pre", "choose one of"),
+        ("regularizer=metamask optimizer.name=lars", "regularizer.virtual_step=sgd"),
     ],
 )
 def test_bad_config_is_one_clear_line(override, fragment):
     with pytest.raises(ConfigError) as info:
-        load_config([override])
+        load_config(override.split())
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
@@ -79,3 +80,14 @@ def test_cli_bad_override_is_one_line(capsys):
     assert main(["train", "trainer.max_epoch=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("metassl: error: unknown config key 'trainer.max_epoch'")
+
+
+def test_method_preset_brings_its_optimizer_and_overrides_win():
+    """VICReg's preset sets LARS (its paper's optimizer; SGD at the default lr diverges);
+    command-line values still override it, other methods keep the top-level optimizer."""
+    cfg = load_config(["method=vicreg"])
+    assert cfg.method.name == "vicreg" and cfg.optimizer.name == "lars" and cfg.optimizer.weight_decay == 1e-4
+    assert load_config(["method=vicreg", "optimizer.name=sgd"]).optimizer.name == "sgd"
+    assert load_config(["method=simclr"]).optimizer.name == "sgd"
+    cfg = load_config(["method=vicreg", "regularizer=metamask", "regularizer.virtual_step=sgd"])
+    assert cfg.regularizer.virtual_step == "sgd"

@@ -120,3 +120,15 @@ def test_compiled_metamask_run_checkpoints_like_an_eager_one(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "knn", "--ckpt", str(out / "checkpoints" / "last.ckpt")]) == 0
     assert json.loads(capsys.readouterr().out)["regularizer"] == "metamask"
+
+
+def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
+    """A non-finite loss stops training with an error naming the fixes, not a run that
+    finishes on NaN weights with chance accuracy; the run folder stays."""
+    out = tmp_path / "diverged"
+    args = ["train", "protocol=smoke", "method=vicreg", "optimizer.name=sgd", "optimizer.lr=1000", f"output_dir={out}",
+            "data.num_train=96", "data.num_test=40", "trainer.max_steps=4"]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("metassl: error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "gradient_clip_val" in errors[0]
+    assert (out / "config.yaml").is_file() and not (out / "summary.json").exists()

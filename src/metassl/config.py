@@ -157,6 +157,11 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"config section {section!r} needs a `name`; choose a preset with {section}=<name>")
     _check_types(cfg)
     _check_groups(cfg)
+    if cfg.regularizer.get("virtual_step") == "mirror" and cfg.optimizer.name != "sgd":
+        raise ConfigError(
+            f"regularizer.virtual_step=mirror replays the SGD update, but optimizer.name={cfg.optimizer.name}; "
+            "set regularizer.virtual_step=sgd (fixed-lr virtual step) or optimizer.name=sgd"
+        )
     return cfg
 
 

@@ -11,3 +11,7 @@ class ConfigError(MetasslError, ValueError):
 
 class DataError(MetasslError):
     """A dataset problem (missing files, no network for a download, corrupt image)."""
+
+
+class DivergenceError(MetasslError, FloatingPointError):
+    """Training produced a non-finite loss (too high a learning rate for the method, mostly)."""

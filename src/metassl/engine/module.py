@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Mapping
 
 import lightning as L
@@ -10,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from metassl.engine.optim import build_optimizer, lr_lambda
+from metassl.errors import DivergenceError
 from metassl.engine.step import training_step
 from metassl.eval.knn import knn_accuracy
 from metassl.methods import build_method
@@ -74,7 +77,10 @@ class SSLModule(L.LightningModule):
         encoder_opt = build_optimizer(opt_cfg, named, lr)
         total = int(self.trainer.estimated_stepping_batches)
         self.total_steps = max(1, total)
-        steps_per_epoch = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        # batches per epoch (set up by estimated_stepping_batches); not total // max_epochs, which
+        # is wrong when max_steps ends training early (the warm-up would shrink to a few steps)
+        per_epoch = float(getattr(self.trainer, "num_training_batches", float("inf")))
+        steps_per_epoch = max(1, int(per_epoch) if math.isfinite(per_epoch) else total // max(1, int(self.trainer.max_epochs or 1)))
         warmup = 0 if sched_cfg["name"] == "cosine" else int(sched_cfg["warmup_epochs"] * steps_per_epoch)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             encoder_opt, lr_lambda(sched_cfg["name"], total, warmup, sched_cfg["min_lr_ratio"])
@@ -131,6 +137,7 @@ class SSLModule(L.LightningModule):
             grad_scale=grad_scale,
             distributed=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
         )
+        self._check_finite(logs["loss"], encoder_opt.optimizer)
         schedulers = self.lr_schedulers()
         for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
             sched.step()
@@ -141,6 +148,21 @@ class SSLModule(L.LightningModule):
         losses = {f"train/{k}": v for k, v in logs.items() if k.startswith("loss_")}
         self.log_dict(losses, batch_size=batch_size, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if not k.startswith("loss_")}, batch_size=batch_size)
+
+    def _check_finite(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Stop with one clear error when the loss is no longer finite (instead of training on
+        NaN weights and reporting chance accuracy).  Every step on CPU; on accelerators every
+        ``log_every_n_steps`` steps (the check synchronises with the host)."""
+        every = 1 if self.device.type == "cpu" else max(1, int(self.cfg["trainer"]["log_every_n_steps"]))
+        if self.global_step % every or bool(torch.isfinite(loss)):
+            return
+        opt = self.cfg["optimizer"]
+        raise DivergenceError(
+            f"training diverged: the loss is {float(loss)} at step {self.global_step} ({self.cfg['method']['name']} + "
+            f"{self.cfg['regularizer']['name']}, optimizer.name={opt['name']}, lr {optimizer.param_groups[0]['lr']:.3g}); "
+            "lower optimizer.lr, set trainer.gradient_clip_val (e.g. 5) or use optimizer.name=lars; "
+            "checkpoints/last.ckpt in the run folder holds the last finished epoch"
+        )
 
     # -- kNN monitor -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
