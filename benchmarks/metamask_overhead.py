@@ -80,7 +80,7 @@ DESCRIPTION = {
     "mm_official": "MetaMask official order, FD second order",
     "mm_so_heads": "MetaMask reuse, full look-ahead, second-order term through the heads",
     "mm_fast": "MetaMask reuse, heads-only virtual step, exact second order",
-    "mm_second_order_amp": "MetaMask reuse, exact second order, meta passes under the step's autocast",
+    "mm_second_order_amp": "MetaMask reuse, exact second order, outer pass under the step's autocast (meta_precision=autocast)",
     "pass_forward": "base model: forward + loss only (graph kept, no backward)",
     "pass_forward_nograd": "base model: forward only, no grad",
 }

@@ -48,7 +48,8 @@ Guarantees, whatever the mode:
 - the optimizer and its state are only read; ``.grad`` of real parameters is not touched;
 - the whole computation runs in full precision with autocast disabled (callers cast their
   inputs; parameters are used in their own dtype), unless ``full_precision=False``: then it
-  runs under the caller's autocast (bf16 / fp16 passes at the speed of the real step;
+  runs the outer pass under the caller's autocast (bf16 / fp16 at the speed of the real
+  step; the exact second order's forward-mode pass stays in full precision;
   ``finite_difference`` refuses this, a difference quotient of bf16 gradients is noise);
 - modules compiled with ``torch.compile`` run eagerly here (``functional_call`` swaps in new
   parameter tensors every pass, which would only trigger recompilations, and ``torch.func``
@@ -219,7 +220,11 @@ def _second_order_term(
     if mode == "forward":
         # no_grad: torch.func.grad still differentiates (it is a transform), but nothing is
         # recorded for ordinary autograd (e.g. for captured parameters that require grad)
-        with torch.no_grad(), warnings.catch_warnings():
+        # always in full precision: forward-mode AD under CPU autocast fails on bf16
+        # convolutions (torch 2.14: input/weight dtype mismatch), so only the outer pass
+        # follows ``full_precision=False``
+        device = next(iter(theta.values())).device
+        with torch.no_grad(), warnings.catch_warnings(), full_precision_context(device):
             # torch registers its jvp decompositions with torch.jit.script on first use and
             # warns that torch.jit.script is deprecated: torch's own business, not the user's
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)

@@ -73,10 +73,12 @@ Options (every shortcut is explicit; defaults in brackets)
     second-order pass runs on replayed features, so the step costs about one no-grad
     backbone forward more than the real step.
 ``meta_precision`` [``fp32``]: the meta step's passes in full precision whatever the
-    training precision (autocast off), or ``autocast``: under the real step's autocast
-    (bf16-mixed: the meta passes run at bf16 speed, ~3× faster on CPU; the meta-gradient
-    then carries bf16 rounding, measured in ``tests/test_metamask.py``; not with
-    ``finite_difference``).  Same as ``fp32`` when training in fp32.
+    training precision (autocast off), or ``autocast``: the outer pass (forward + backward
+    at θ') under the real step's autocast (bf16-mixed: at bf16 speed, ~3× faster on CPU);
+    the exact second order's forward-mode pass stays fp32 (forward-mode AD fails on bf16
+    CPU convolutions in torch 2.14).  The meta-gradient then carries bf16 rounding (see
+    ``benchmarks/metamask_overhead.json``); not with ``finite_difference``.  Same as
+    ``fp32`` when training in fp32.
 ``fd_radius`` [1e-2]: the official finite-difference radius ``r``.
 ``fd_scheme`` [``central``]: ``central`` is the official ``(g⁺ - g⁻)/2R`` (error O(r²)).
     ``forward`` is one-sided, ``(g⁺ - g⁰)/R`` (error O(r)), where ``g⁰ = ∇_w L_inner(θ_t)``
@@ -98,9 +100,13 @@ F+B + 1 no-grad F); ``first_order``: one
 no-grad F at θ' + heads; ``second_order_params=heads``: first order + a heads-only jvp;
 ``virtual_params=heads``: heads only.  ``official`` adds a fresh F+B at θ_{t+1}.
 Measured (``benchmarks/metamask_overhead.py``, ResNet-18 CIFAR, batch 64×2, fp32, one CPU
-thread), step time / base SimCLR step: encoder step alone 1.05, ``first_order`` 1.38,
-default 3.33, ``finite_difference`` 2.78, ``official`` + FD 3.76,
-``second_order_params=heads`` 1.43, ``virtual_params=heads`` 1.07.
+thread), step time / base SimCLR step: encoder step alone 1.06, ``first_order`` 1.41,
+default 3.35, ``finite_difference`` 2.78 (``fd_scheme=forward`` 2.46), ``official`` + FD
+3.74, ``second_order_params=heads`` 1.38, ``virtual_params=heads`` 1.03.  Floor of any
+same-batch second-order step: encoder step + forward/backward at θ' + one no-grad
+backbone forward = 2.37 (README).  At the official radius the finite-difference
+meta-gradient of a ReLU network is far from the exact one (cosine 0.17 in that run): the
+difference quotient crosses ReLU kinks.
 
 Distributed: meta-gradients are averaged over ranks (see :mod:`metassl.meta.engine`).
 The exact second order runs the loss under ``torch.func``; with DDP this needs the loss
