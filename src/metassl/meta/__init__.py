@@ -9,7 +9,9 @@ from metassl.meta.engine import (
     all_reduce_mean_,
     frozen_bn_stats,
     full_precision_context,
+    inner_meta_grad,
     meta_gradient,
+    meta_pass_context,
 )
 from metassl.meta.virtual_step import SGDHyper, VirtualStep, apply_virtual_step, plan_virtual_step
 
@@ -23,6 +25,8 @@ __all__ = [
     "apply_virtual_step",
     "frozen_bn_stats",
     "full_precision_context",
+    "inner_meta_grad",
     "meta_gradient",
+    "meta_pass_context",
     "plan_virtual_step",
 ]

@@ -87,6 +87,8 @@ __all__ = [
     "meta_gradient",
     "frozen_bn_stats",
     "full_precision_context",
+    "inner_meta_grad",
+    "meta_pass_context",
     "all_reduce_mean_",
 ]
 
@@ -143,6 +145,15 @@ def full_precision_context(device: torch.device) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def meta_pass_context(device: torch.device, modules: Iterable[nn.Module], full_precision: bool = True) -> Iterator[None]:
+    """The conditions of every meta pass (module docstring): full precision unless asked
+    otherwise, batch-norm statistics frozen, compiled modules eager, gradients enabled."""
+    precision = full_precision_context(device) if full_precision else contextlib.nullcontext()
+    with precision, frozen_bn_stats(modules), torch.compiler.set_stance("force_eager"), torch.enable_grad():
+        yield
+
+
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     """In place: average ``tensors`` over ranks with one flat all-reduce (no-op when not
     distributed or world size 1)."""
@@ -195,7 +206,7 @@ def _grad_phi_fn(inner_loss: LossFn, meta: dict[str, torch.Tensor]):
     return fn
 
 
-def _inner_meta_grad(inner_loss: LossFn, theta: dict[str, torch.Tensor], meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def inner_meta_grad(inner_loss: LossFn, theta: Mapping[str, torch.Tensor], meta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``∇φ L_inner(θ, φ)`` (θ constant: no graph through it)."""
     phi = {k: _leaf(v) for k, v in meta.items()}
     g = torch.autograd.grad(inner_loss(theta, phi), list(phi.values()), allow_unused=True)
@@ -242,11 +253,11 @@ def _second_order_term(
         return {k: t.detach() for k, t in tangent.items()}, {"u_norm": u_norm}
     # finite difference (DARTS / official MetaMask: central)
     eps = radius / u_norm
-    plus = _inner_meta_grad(inner_loss, {k: theta[k] + eps * u[k] for k in theta}, meta)
+    plus = inner_meta_grad(inner_loss, {k: theta[k] + eps * u[k] for k in theta}, meta)
     if fd_scheme == "central":
-        minus = _inner_meta_grad(inner_loss, {k: theta[k] - eps * u[k] for k in theta}, meta)
+        minus = inner_meta_grad(inner_loss, {k: theta[k] - eps * u[k] for k in theta}, meta)
         return {k: (plus[k] - minus[k]) / (2 * eps) for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
-    here = _inner_meta_grad(inner_loss, theta, meta) if at_theta is None else {k: at_theta[k].detach() for k in meta}
+    here = inner_meta_grad(inner_loss, theta, meta) if at_theta is None else {k: at_theta[k].detach() for k in meta}
     return {k: (plus[k] - here[k].to(plus[k].dtype)) / eps for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
 
 
@@ -351,8 +362,7 @@ def meta_gradient(
     theta = {k: params[k].detach() for k in names}
     meta_names = list(meta_params)
 
-    precision = full_precision_context(device) if full_precision else contextlib.nullcontext()
-    with precision, frozen_bn_stats(modules), torch.compiler.set_stance("force_eager"), torch.enable_grad():
+    with meta_pass_context(device, modules, full_precision):
         if mode == "second_order" and method == "reverse":
             return _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite)
 

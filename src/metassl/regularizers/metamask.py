@@ -132,7 +132,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metassl.losses import barlow_twins_loss
-from metassl.meta import GRAD_MODES, MetaGradient, VirtualStep, frozen_bn_stats, full_precision_context, meta_gradient
+from metassl.meta import GRAD_MODES, MetaGradient, VirtualStep, inner_meta_grad, meta_gradient, meta_pass_context
 from metassl.methods.base import Method
 from metassl.models.heads import ProjectionHead
 from metassl.regularizers.base import Regularizer, StepContext, register_regularizer
@@ -415,10 +415,8 @@ class MetaMask(Regularizer):
                 # move the backbone, so that both points are the same function)
                 moved = implicit if implicit is not None else list(params)
                 drr = any(n.startswith("backbone.") for n in moved)
-                with full_precision_context(ref.device), frozen_bn_stats([method, self]), torch.enable_grad():
-                    w = self.mask_logits.detach().requires_grad_(True)
-                    (g,) = torch.autograd.grad(inner_here({"logits": w}, drr), [w])
-                kw["inner_meta_grads"] = {"logits": g}
+                with meta_pass_context(ref.device, [method, self]):
+                    kw["inner_meta_grads"] = inner_meta_grad(lambda _, meta: inner_here(meta, drr), {}, phi)
             return meta_gradient(params, phi, outer, inner, inner_grads=grads, **kw)
         # official: fresh gradient of L_base alone (weight 1) at the updated weights
         outer, inner, _ = self._loss_fns(method, views, None, with_drr=False)
