@@ -230,7 +230,7 @@ def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: D
     if steps == 0 and last.is_file():
         # spawn strategies (ddp_spawn) train in child processes: this process's trainer never
         # stepped, but rank 0 wrote the last checkpoint (and Lightning copied its weights back)
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)  # two scalars: no full read
         steps = int(state.get("global_step", 0))
         epochs = int(state.get("epoch", -1)) + 1  # saved at the end of that (0-based) epoch
     best = best_val_epoch(rows)
