@@ -1,7 +1,9 @@
-"""Backbones and heads: feature sizes, CIFAR stem, export compatibility, clear errors."""
+"""Backbones and heads: feature sizes, CIFAR stem, spatial feature maps, export compatibility,
+clear errors."""
 
 from __future__ import annotations
 
+import copy
 import urllib.error
 
 import pytest
@@ -10,6 +12,7 @@ import torchvision
 from torch import nn
 
 from metassl.models.backbones import build_backbone
+from metassl.models.feature_maps import require_feature_maps, supports_feature_maps
 from metassl.models.heads import PredictionHead, ProjectionHead
 
 
@@ -54,6 +57,93 @@ def test_timm_backbone():
     with torch.no_grad():
         assert model(x(32)).shape == (2, 512)
     assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)
+
+
+# -- spatial feature maps: backbone(x) == forward_head(forward_features(x)) ----------------------
+def _torchvision_class(model: nn.Module) -> type | None:
+    return next((c for c in type(model).__mro__ if c.__module__.startswith("torchvision.")), None)
+
+
+@pytest.mark.parametrize(
+    "name,kw,size,fmap_shape",
+    [
+        ("convnet_small", {}, 32, (256, 4, 4)),
+        ("convnet_small", {"cifar_stem": False}, 64, (256, 2, 2)),
+        ("resnet18", {"cifar_stem": True}, 32, (512, 4, 4)),
+        ("resnet18", {"cifar_stem": False}, 64, (512, 2, 2)),
+        ("resnet50", {"cifar_stem": True}, 16, (2048, 2, 2)),
+        ("tv:resnet18", {}, 64, (512, 2, 2)),
+        ("tv:regnet_x_400mf", {}, 64, (400, 2, 2)),
+        ("tv:mobilenet_v2", {}, 64, (1280, 2, 2)),
+        ("tv:mobilenet_v3_small", {}, 64, (576, 2, 2)),
+        ("tv:efficientnet_b0", {}, 64, (1280, 2, 2)),
+        ("tv:convnext_tiny", {}, 64, (768, 2, 2)),
+    ],
+)
+def test_feature_maps(name, kw, size, fmap_shape):
+    model, feat_dim = build_backbone(name, **kw)
+    assert supports_feature_maps(model)
+    require_feature_maps(model, name)
+    model.eval()  # no dropout / stochastic depth, so every pass is the same function
+    inp = x(size)
+    with torch.no_grad():
+        fmap = model.forward_features(inp)
+        assert fmap.shape == (2, *fmap_shape)
+        flat = model(inp)
+        assert flat.shape == (2, feat_dim)
+        assert torch.equal(flat, model.forward_head(fmap))
+        tv_class = _torchvision_class(model)
+        if tv_class is not None:  # the split runs torchvision's own forward, operation for operation
+            assert torch.equal(flat, tv_class.forward(model, inp))
+
+
+def test_resnet_feature_maps_keep_the_torchvision_model():
+    model, _ = build_backbone("resnet18", cifar_stem=True)
+    assert isinstance(model, torchvision.models.ResNet)
+    ref = torchvision.models.resnet18()
+    ref.fc = nn.Identity()
+    assert list(model.state_dict()) == list(ref.state_dict())  # same names, same order
+    twin = copy.deepcopy(model)  # as the momentum methods copy their target
+    assert type(twin) is type(model) and supports_feature_maps(twin)
+
+
+def test_timm_feature_maps():
+    pytest.importorskip("timm")
+    model, feat_dim = build_backbone("timm:resnet18", cifar_stem=True)
+    assert supports_feature_maps(model)
+    model.eval()
+    inp = x(32)
+    with torch.no_grad():
+        fmap = model.forward_features(inp)
+        assert fmap.shape == (2, 512, 4, 4)
+        assert torch.equal(model(inp), model.forward_head(fmap))
+    vit, _ = build_backbone("timm:vit_tiny_patch16_224")  # tokens, not a spatial map
+    assert not supports_feature_maps(vit)
+    with pytest.raises(ValueError, match="'timm:vit_tiny_patch16_224' has no spatial feature map"):
+        require_feature_maps(vit, "timm:vit_tiny_patch16_224")
+
+
+def test_no_feature_maps_is_one_clear_line():
+    squeeze, _ = build_backbone("tv:squeezenet1_1")  # a conv classifier, no split point kept
+    assert not supports_feature_maps(squeeze)
+    with pytest.raises(ValueError) as info:
+        require_feature_maps(squeeze, "tv:squeezenet1_1")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("backbone 'tv:squeezenet1_1' has no spatial feature map (forward_features -> (B, C, H, W)); use ")
+    for option in ("convnet_small", "resnet18/50", "tv: ResNet", "timm convnet"):
+        assert option in msg
+
+    class Undeclared(nn.Module):  # forward_features alone does not promise a (B, C, H, W) map
+        def forward_features(self, inp):
+            return inp
+
+        def forward_head(self, fmap):
+            return fmap.flatten(1)
+
+    assert not supports_feature_maps(Undeclared())
+    with pytest.raises(ValueError, match="backbone 'Undeclared' has no spatial feature map"):
+        require_feature_maps(Undeclared())
 
 
 # -- CIFAR stem -----------------------------------------------------------------------------

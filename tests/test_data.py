@@ -293,7 +293,7 @@ def test_imagefolder_labelled(tmp_path):
 
 
 def test_imagefolder_relative_root(tmp_path, monkeypatch):
-    """A relative data.root (e.g. ../shared/data/cifar10) resolves once, not twice."""
+    """A relative data.root (e.g. ../data/cifar10) resolves once, not twice."""
     _write_images(tmp_path / "x" / "data" / "train" / "a", 3)
     _write_images(tmp_path / "x" / "data" / "test" / "a", 2, seed=1)
     (tmp_path / "cwd").mkdir()

@@ -8,13 +8,13 @@ from typing import Any, Mapping
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from metassl.engine.optim import build_optimizer, lr_lambda
 from metassl.errors import DivergenceError
-from metassl.engine.step import training_step
+from metassl.engine.step import clip_info, training_step
 from metassl.eval.knn import knn_accuracy
+from metassl.losses.distributed import is_distributed
 from metassl.methods import build_method
 from metassl.models.backbones import build_backbone
 from metassl.regularizers import build_regularizer
@@ -22,6 +22,15 @@ from metassl.regularizers import build_regularizer
 
 def _kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k != "name"}
+
+
+def batch_extras(batch) -> dict[str, torch.Tensor]:
+    """The extra fields of a training batch ``(views, labels, extra)`` by name: a dict as the
+    data pipeline gives it, or a bare tensor (the built-in data's foreground masks) as ``mask``."""
+    if len(batch) < 3 or batch[2] is None:
+        return {}
+    extra = batch[2]
+    return dict(extra) if isinstance(extra, Mapping) else {"mask": extra}
 
 
 class SSLModule(L.LightningModule):
@@ -71,8 +80,8 @@ class SSLModule(L.LightningModule):
         lr = float(opt_cfg["lr"])
         if opt_cfg["scale_lr"]:
             lr = lr * self._global_batch() / 256
-        named = list(self.method.named_parameters()) + [
-            (f"regularizer.{n}", p) for n, p in self.regularizer.named_parameters() if any(p is q for q in self.regularizer.encoder_parameters())
+        named = list(self.method.named_trainable_parameters()) + [
+            (f"regularizer.{n}", p) for n, p in self.regularizer.named_encoder_parameters()
         ]
         encoder_opt = build_optimizer(opt_cfg, named, lr)
         total = int(self.trainer.estimated_stepping_batches)
@@ -102,6 +111,7 @@ class SSLModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         views, labels = batch[0], batch[1]
+        extras = batch_extras(batch)
         if self.cfg["trainer"]["channels_last"]:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         optimizers = self.optimizers()
@@ -110,17 +120,23 @@ class SSLModule(L.LightningModule):
         meta_opt = optimizers[1].optimizer if len(optimizers) > 1 else None
         clip = self.cfg["trainer"]["gradient_clip_val"]
 
-        def backward(loss: torch.Tensor) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaled = scaler is not None and scaler.is_enabled()
+
+        def backward(loss: torch.Tensor):
             # clip right after backward, so regularizers reading .grad before the step see
             # exactly the gradient the optimizer will use (Lightning unscales 16-mixed grads
-            # before clipping, so the loss scale no longer applies then)
+            # before clipping, so the loss scale no longer applies then); the norm before
+            # clipping goes to the regularizers (exact meta-gradients through the clip)
             self.manual_backward(loss)
-            if clip:
-                self.clip_gradients(encoder_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            if not clip:
+                return None
+            info = clip_info(encoder_opt.optimizer, float(clip), float(scaler.get_scale()) if scaled else None)
+            self.clip_gradients(encoder_opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            return info
 
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         grad_scale = None
-        if scaler is not None and scaler.is_enabled() and not clip:
+        if scaled and not clip:
             grad_scale = lambda: float(scaler.get_scale())  # noqa: E731
         progress = min(1.0, self.global_step / max(1, getattr(self, "total_steps", 1)))
         logs = training_step(
@@ -130,12 +146,13 @@ class SSLModule(L.LightningModule):
             labels,
             encoder_opt.optimizer,
             meta_opt,
+            extras=extras,
             progress=progress,
             global_step=self.global_step,
             backward=backward,
             step_encoder=encoder_opt.step,
             grad_scale=grad_scale,
-            distributed=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1,
+            distributed=is_distributed(),
         )
         self._check_finite(logs["loss"], encoder_opt.optimizer)
         schedulers = self.lr_schedulers()

@@ -2,7 +2,8 @@
 
 The LightningModule calls :func:`training_step` with Lightning's ``manual_backward`` and
 optimizer wrappers; benchmarks and tests call it with plain ``loss.backward()`` and raw
-optimizers, so what is timed and tested is exactly what trains.
+optimizers, so what is timed and tested is exactly what trains.  The order of the hooks is
+the protocol of :mod:`metassl.regularizers.base`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,29 @@ from typing import Any, Callable
 import torch
 
 from metassl.methods.base import Method
-from metassl.regularizers.base import Regularizer, StepContext
+from metassl.regularizers.base import ClipInfo, Regularizer, StepContext
 
 
 def encoder_objective(
-    method: Method, reg: Regularizer, views: list[torch.Tensor], labels: torch.Tensor | None
+    method: Method,
+    reg: Regularizer,
+    views: list[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    ctx: StepContext | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-    """``base_weight * L_method + sum(regularizer terms)`` at the current weights."""
+    """``weight_base · terms["base"] + other terms`` at the current weights, the terms and the
+    method's output.  ``ctx`` is the step context (a bare one is made when not given); its
+    ``views`` and ``out`` are set here."""
+    if ctx is None:
+        ctx = StepContext(method=method, views=views, labels=labels)
+    views = reg.prepare_views(views, ctx)
+    ctx.views = views
     out = method(views, feature_transform=reg.transform_features)
-    terms = {"base": method.loss(out)}
-    terms.update(reg.extra_loss(out, method, labels))
-    loss = reg.base_weight * terms["base"]
+    ctx.out = out
+    terms = reg.objective(out, ctx)
+    if "base" not in terms:
+        raise KeyError(f"regularizer {reg.name!r}: objective() must return a 'base' term")
+    loss = reg.weight_base * terms["base"]
     for name, value in terms.items():
         if name != "base":
             loss = loss + value
@@ -41,9 +54,10 @@ def training_step(
     encoder_optimizer: torch.optim.Optimizer,
     meta_optimizer: torch.optim.Optimizer | None = None,
     *,
+    extras: dict[str, torch.Tensor] | None = None,
     progress: float = 0.0,
     global_step: int = 0,
-    backward: Callable[[torch.Tensor], None] | None = None,
+    backward: Callable[[torch.Tensor], ClipInfo | None] | None = None,
     step_encoder: Callable[[], None] | None = None,
     distributed: bool = False,
     grad_scale: Callable[[], float | None] | None = None,
@@ -51,30 +65,32 @@ def training_step(
     """Real encoder step, then (bilevel regularizers) the meta step, then per-step updates.
 
     ``backward`` / ``step_encoder`` default to ``loss.backward()`` / ``encoder_optimizer.step()``;
-    the engine passes Lightning's precision-aware versions, and ``grad_scale`` (the loss scale of
-    16-mixed training: ``.grad`` holds scaled gradients until the optimizer step) so that
-    regularizers reading ``.grad`` in ``before_encoder_step`` can unscale it
-    (``ctx.cache["grad_scale"]``).  Returns detached scalars to log.
+    the engine passes Lightning's precision-aware versions (its ``backward`` clips and returns
+    the :class:`ClipInfo` when ``trainer.gradient_clip_val`` is set), and ``grad_scale`` (the
+    loss scale of 16-mixed training: ``.grad`` holds scaled gradients until the optimizer
+    step) so that regularizers reading ``.grad`` can unscale it (``ctx.grad_scale``).
+    Returns detached scalars to log.
     """
     backward = backward or (lambda loss: loss.backward())
     step_encoder = step_encoder or encoder_optimizer.step
-
-    encoder_optimizer.zero_grad(set_to_none=True)
-    loss, terms, out = encoder_objective(method, reg, views, labels)
-    backward(loss)
     ctx = StepContext(
         method=method,
         views=views,
-        out=out,
         labels=labels,
         encoder_optimizer=encoder_optimizer,
         lr=current_lr(encoder_optimizer),
         progress=progress,
         global_step=global_step,
         distributed=distributed,
+        extras=dict(extras or {}),
     )
+
+    encoder_optimizer.zero_grad(set_to_none=True)
+    loss, terms, out = encoder_objective(method, reg, views, labels, ctx)
+    clip = backward(loss)
+    ctx.clip = clip if isinstance(clip, ClipInfo) else None
     if grad_scale is not None:
-        ctx.cache["grad_scale"] = grad_scale()
+        ctx.grad_scale = grad_scale()
     reg.before_encoder_step(ctx)
     step_encoder()
 
@@ -85,5 +101,16 @@ def training_step(
         logs.update({f"meta/{k}": v for k, v in reg.meta_step(ctx).items()})
         meta_optimizer.step()
     method.update_after_step(out, progress)
+    reg.after_step(ctx)
     logs.update({f"reg/{k}": v for k, v in reg.log_stats().items()})
     return logs
+
+
+def clip_info(optimizer: torch.optim.Optimizer, max_norm: float, scale: float | None = None) -> ClipInfo:
+    """The global gradient norm over ``optimizer``'s parameters before clipping (``scale``:
+    the 16-mixed loss scale still in ``.grad``), as ``torch.nn.utils.clip_grad_norm_`` sees it."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return ClipInfo(float(max_norm), 0.0)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])))
+    return ClipInfo(float(max_norm), norm / float(scale) if scale else norm)

@@ -11,8 +11,8 @@ solo-learn's ``WeightedKNNClassifier`` additionally offers (and defaults to) a e
 raw (un-normalised) features, the ``k`` nearest by euclidean distance ``d_i``, weight
 ``1 / (d_i + 1e-5)`` and no temperature; ``distance="euclidean"`` reproduces it.
 
-``KNN_PRESETS`` names the (k, t) pairs used by the anchors (cosine distance), see
-docs/anchors.md §7.2; numbers measured with different presets are not comparable.
+``KNN_PRESETS`` names the (k, t) pairs used by common benchmarks (cosine distance), see
+docs/algorithms.md §7.1; numbers measured with different presets are not comparable.
 """
 
 from __future__ import annotations

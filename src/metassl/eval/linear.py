@@ -16,7 +16,7 @@ Protocol (the "offline linear evaluation" of SimCLR/MoCo/solo-learn ``main_linea
    (``test_acc_last``) and with the best-validation weights (``test_acc_best_val``).  Per-epoch test
    top-1 may be recorded in ``history`` as a diagnostic only; its maximum
    (``test_acc_max_over_epochs``) is the optimistic, test-selected number that Lightly's benchmarks
-   and the MetaMask code report ("max over epochs", docs/anchors.md §7) and is given only so that
+   and the MetaMask code report ("max over epochs", docs/algorithms.md §7.2) and is given only so that
    such numbers can be compared.
 """
 

@@ -13,10 +13,12 @@ from metassl.meta.engine import (
     meta_gradient,
     meta_pass_context,
 )
-from metassl.meta.virtual_step import SGDHyper, VirtualStep, apply_virtual_step, plan_virtual_step
+from metassl.meta.virtual_step import GradClip, ParamRule, SGDHyper, VirtualStep, apply_virtual_step, plan_virtual_step, step_vjp
 
 __all__ = [
     "GRAD_MODES",
+    "GradClip",
+    "ParamRule",
     "LossFn",
     "MetaGradient",
     "SGDHyper",
@@ -29,4 +31,5 @@ __all__ = [
     "meta_gradient",
     "meta_pass_context",
     "plan_virtual_step",
+    "step_vjp",
 ]

@@ -1,12 +1,13 @@
 """The meta-gradient engine: one virtual step, then ``∇φ L_outer(θ', φ)``.
 
 Bilevel regularizers (MetaMask, MetAug, the ICL-MSR reconstruction) share one pattern
-(methods.md §5): a virtual encoder step ``θ' = step(θ, ∇θ L_inner(θ, φ))`` followed by the
+(docs/algorithms.md §2): a virtual encoder step ``θ' = step(θ, ∇θ L_inner(θ, φ))`` followed by the
 gradient of an outer loss at the virtual weights with respect to meta-parameters ``φ``::
 
     dL_outer(θ'(φ), φ)/dφ = ∇φ L_outer(θ', φ)  +  D_u ∇φ L_inner(θ, φ),   u = coef ⊙ v,
                             └── first order ──┘   └──── second-order term ────┘
-    v = ∇θ' L_outer(θ', φ),    coef = ∂θ'/∂g  (e.g. -lr; see virtual_step.py)
+    v = ∇θ' L_outer(θ', φ),    u = (∂θ'/∂g)ᵀ v  (coef ⊙ v for plain SGD, coef = -lr·…;
+                                                  through the step itself for LARS, Adam, clipping)
 
 ``D_u`` is the directional derivative along ``u`` in θ, i.e. the mixed Hessian-vector
 product ``(∂²L_inner/∂φ∂θ) u`` of DARTS (Liu et al., ICLR 2019, Eq. 7-8).
@@ -78,7 +79,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from metassl.meta.virtual_step import VirtualStep, apply_virtual_step, plan_virtual_step
+from metassl.losses.distributed import is_distributed
+from metassl.meta.virtual_step import VirtualStep, apply_virtual_step, plan_virtual_step, step_vjp
 
 __all__ = [
     "GRAD_MODES",
@@ -157,7 +159,7 @@ def meta_pass_context(device: torch.device, modules: Iterable[nn.Module], full_p
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     """In place: average ``tensors`` over ranks with one flat all-reduce (no-op when not
     distributed or world size 1)."""
-    if not tensors or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not tensors or not is_distributed():
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -277,6 +279,7 @@ def meta_gradient(
     radius: float = 1e-2,
     fd_scheme: str = "central",
     inner_meta_grads: Mapping[str, torch.Tensor] | None = None,
+    second_order_term: Callable[[dict, dict, dict], dict] | None = None,
     full_precision: bool = True,
     modules: Iterable[nn.Module] = (),
     distributed: bool | None = None,
@@ -316,6 +319,10 @@ def meta_gradient(
         ``central`` (official) or ``forward`` finite difference; for ``forward``,
         ``inner_meta_grads`` = ``∇φ L_inner(θ, φ)`` at the unshifted θ if the caller has it
         (full precision, this rank's value), else it is computed here (one more pass).
+    second_order_term
+        ``(θ, φ, u) -> D_u ∇φ L_inner(θ, φ)`` supplied by the caller for ``second_order``
+        (e.g. MetaMask's feature-tangent form, which knows where φ enters); ``None`` = the
+        engine's jvp of ``∇φ L_inner``.
     second_order_params
         Names (a subset of ``params``) through which ``θ'`` is differentiated with respect
         to ``φ``; ``None`` = all of ``params`` (exact).  A strict subset drops the other
@@ -343,7 +350,7 @@ def meta_gradient(
     step = step or VirtualStep()
     method = second_order_method
     if distributed is None:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = is_distributed()
     if mode == "second_order" and method == "auto":
         method = "forward" if inner_grads is not None or distributed else "reverse"
     if mode == "second_order" and method == "reverse" and inner_grads is not None:
@@ -364,7 +371,7 @@ def meta_gradient(
 
     with meta_pass_context(device, modules, full_precision):
         if mode == "second_order" and method == "reverse":
-            return _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite)
+            return _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite, step.clip)
 
         # 1. inner gradient at θ (given or fresh, first-order)
         if inner_grads is None:
@@ -384,7 +391,7 @@ def meta_gradient(
         # 2. virtual step (no graph) and the outer pass at θ'; v = ∇θ' L_outer is only needed
         #    for the parameters that carry the second-order term
         with torch.no_grad():
-            theta_new, coefs = apply_virtual_step(theta, grads, plan)
+            theta_new, coefs = apply_virtual_step(theta, grads, plan, step.clip)
         need_v = [] if mode == "first_order" else implicit
         theta_out = {k: (_leaf(v) if k in need_v else v) for k, v in theta_new.items()}
         phi = {k: _leaf(v) for k, v in meta_params.items()}
@@ -399,17 +406,26 @@ def meta_gradient(
             v = dict(zip(need_v, all_g[len(phi) :]))
             if distributed:  # v = ∇θ' of the global outer loss: average, as DDP does for gradients
                 all_reduce_mean_(list(v.values()))
-            u = {k: coefs[k] * v[k] for k in need_v}
-            term, extra = _second_order_term(
-                inner_loss,
-                {k: theta[k] for k in need_v},
-                {k: t.detach() for k, t in meta_params.items()},
-                u,
-                "forward" if mode == "second_order" else "finite_difference",
-                radius,
-                fd_scheme,
-                inner_meta_grads,
-            )
+            if coefs is not None:  # affine step (plain SGD family, clip inactive): u = coef ⊙ v
+                u = {k: coefs[k] * v[k] for k in need_v}
+            else:  # LARS / Adam / active clip: u = (∂θ'/∂g)ᵀ v through the step itself
+                cot = step_vjp(theta, grads, plan, v, step.clip)
+                u = {k: cot[k] if k in cot else torch.zeros_like(v[k]) for k in need_v}
+            if mode == "second_order" and second_order_term is not None:
+                meta_const = {k: t.detach() for k, t in meta_params.items()}
+                term = second_order_term({k: theta[k] for k in need_v}, meta_const, u)
+                term, extra = {k: term[k].detach() for k in meta_names}, {"u_norm": _norm(u)}
+            else:
+                term, extra = _second_order_term(
+                    inner_loss,
+                    {k: theta[k] for k in need_v},
+                    {k: t.detach() for k, t in meta_params.items()},
+                    u,
+                    "forward" if mode == "second_order" else "finite_difference",
+                    radius,
+                    fd_scheme,
+                    inner_meta_grads,
+                )
             stats.update(extra)
             stats["second_order_norm"] = _norm(term)
             stats["second_first_cos"] = _dot(term, first) / max(stats["second_order_norm"] * stats["first_order_norm"], 1e-30)
@@ -419,7 +435,7 @@ def meta_gradient(
         return MetaGradient(grads=result, outer_loss=loss_out.detach(), first_order=first, stats=stats)
 
 
-def _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite) -> MetaGradient:
+def _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite, clip=None) -> MetaGradient:
     """Exact second order by differentiating through the virtual step (create_graph); only
     the ``implicit`` parameters' step keeps its graph."""
     leaves = {k: _leaf(v) for k, v in theta.items()}
@@ -430,7 +446,7 @@ def _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distrib
     grads = {k: (gk if gk is None or k in keep else gk.detach()) for k, gk in zip(leaves, g)}
     if skip_nonfinite and not _all_finite([None if t is None else t.detach() for t in grads.values()], distributed):
         return _skipped(meta_params, distributed)
-    theta_new, _ = apply_virtual_step(leaves, grads, plan)
+    theta_new, _ = apply_virtual_step(leaves, grads, plan, clip)
     loss_out = outer_loss(theta_new, phi)
     total = torch.autograd.grad(loss_out, list(phi.values()), allow_unused=True)
     result = {k: t.detach() for k, t in zip(phi, _grad_or_zero(total, list(phi.values())))}

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from metassl.losses import byol_loss
-from metassl.methods.base import FeatureTransform, Method, check_views, encode_views, register_method
-from metassl.methods.momentum import cosine_momentum, ema_update_, make_target
+from metassl.methods.base import FeatureTransform, check_views, encode_views, register_method
+from metassl.methods.momentum import MomentumMethod
 from metassl.models.heads import PredictionHead, ProjectionHead
 
 
 @register_method("byol")
-class BYOL(Method):
+class BYOL(MomentumMethod):
     """BYOL: online ``backbone -> projector (Linear-BN-ReLU-Linear, 4096 -> 256) ->
     predictor (4096 -> 256)``; the target is an EMA copy of backbone + projector.
 
@@ -42,19 +42,9 @@ class BYOL(Method):
         final_momentum: float = 1.0,
     ) -> None:
         super().__init__(backbone, feat_dim)
-        self.momentum = momentum
-        self.final_momentum = final_momentum
         self.projector = ProjectionHead(feat_dim, proj_hidden_dim, proj_output_dim, num_layers=2)
         self.predictor = PredictionHead(proj_output_dim, pred_hidden_dim, proj_output_dim)
-        self.target_backbone = make_target(self.backbone)
-        self.target_projector = make_target(self.projector)
-
-    @torch.no_grad()
-    def target_embed(self, x: torch.Tensor, feature_transform: FeatureTransform | None = None) -> torch.Tensor:
-        """Target projection of one view (no gradient, feature transform applied, detached)."""
-        h = self.target_backbone(x).flatten(1)
-        f = feature_transform(h).detach() if feature_transform is not None else h
-        return self.target_projector(f)
+        self.init_target(momentum, final_momentum)
 
     def forward(self, views: list[torch.Tensor], feature_transform: FeatureTransform | None = None) -> dict[str, Any]:
         check_views(views, self.name)
@@ -66,16 +56,3 @@ class BYOL(Method):
     def loss(self, out: dict[str, Any]) -> torch.Tensor:
         p, zt = out["p"], out["z_target"]
         return byol_loss(p[0], zt[1]) + byol_loss(p[1], zt[0])
-
-    def current_momentum(self, progress: float) -> float:
-        return cosine_momentum(self.momentum, self.final_momentum, progress)
-
-    @torch.no_grad()
-    def update_after_step(self, out: dict[str, Any], progress: float) -> None:
-        """EMA of the target network with the scheduled momentum."""
-        m = self.current_momentum(progress)
-        ema_update_(self.target_backbone, self.backbone, m)
-        ema_update_(self.target_projector, self.projector, m)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("target_")]

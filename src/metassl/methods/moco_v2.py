@@ -10,13 +10,13 @@ from torch import nn
 
 from metassl.losses import moco_infonce
 from metassl.losses.distributed import broadcast_, gather_no_grad, rank, world_size
-from metassl.methods.base import FeatureTransform, Method, check_views, encode_views, register_method
-from metassl.methods.momentum import cosine_momentum, ema_update_, make_target
+from metassl.methods.base import FeatureTransform, check_views, encode_views, register_method
+from metassl.methods.momentum import MomentumMethod
 from metassl.models.heads import ProjectionHead
 
 
 @register_method("moco_v2")
-class MoCoV2(Method):
+class MoCoV2(MomentumMethod):
     """MoCo v2: a query encoder (backbone + 2-layer MLP head without BN, 2048 -> 128), a key
     encoder that is its momentum copy, and InfoNCE against a queue of past keys (Eq. 1).
 
@@ -53,30 +53,24 @@ class MoCoV2(Method):
         if queue_size < 1:
             raise ValueError(f"queue_size must be positive, got {queue_size}")
         self.temperature = temperature
-        self.momentum = momentum
-        self.final_momentum = final_momentum
         self.shuffle_bn = shuffle_bn
         self.projector = ProjectionHead(feat_dim, proj_hidden_dim, proj_output_dim, num_layers=2, hidden_bn=False)
-        self.target_backbone = make_target(self.backbone)
-        self.target_projector = make_target(self.projector)
+        self.init_target(momentum, final_momentum)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_output_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     # -- target branch -------------------------------------------------------------------
-    def _target_embed(self, x: torch.Tensor, feature_transform: FeatureTransform | None) -> torch.Tensor:
-        h = self.target_backbone(x).flatten(1)
-        f = feature_transform(h).detach() if feature_transform is not None else h
-        return self.target_projector(f)
+    _target_embed = MomentumMethod.target_embed  # old name, still used by tests/test_distributed.py
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor, feature_transform: FeatureTransform | None = None) -> torch.Tensor:
         """Key projections ``(n, D)`` of one view by the momentum encoder (not normalised)."""
         if not (self.shuffle_bn and world_size() > 1):
-            return self._target_embed(x, feature_transform)
+            return self.target_embed(x, feature_transform)
         x_all = gather_no_grad(x)  # (N, ...), equal local batches on every rank
         perm = broadcast_(torch.randperm(x_all.shape[0], device=x.device), src=0)
         mine = perm.view(world_size(), -1)[rank()]
-        k_all = gather_no_grad(self._target_embed(x_all[mine], feature_transform))  # k_all[j] = key(x_all[perm[j]])
+        k_all = gather_no_grad(self.target_embed(x_all[mine], feature_transform))  # k_all[j] = key(x_all[perm[j]])
         k_all = k_all[torch.argsort(perm)]  # back to the original order
         return k_all.view(world_size(), -1, k_all.shape[1])[rank()]
 
@@ -95,15 +89,10 @@ class MoCoV2(Method):
             moco_infonce(q[0], k[1], queue, self.temperature) + moco_infonce(q[1], k[0], queue, self.temperature)
         ) / 2
 
-    def current_momentum(self, progress: float) -> float:
-        return cosine_momentum(self.momentum, self.final_momentum, progress)
-
     @torch.no_grad()
     def update_after_step(self, out: dict[str, Any], progress: float) -> None:
         """EMA of the key encoder, then enqueue this step's keys (first view, all ranks)."""
-        m = self.current_momentum(progress)
-        ema_update_(self.target_backbone, self.backbone, m)
-        ema_update_(self.target_projector, self.projector, m)
+        super().update_after_step(out, progress)
         self.enqueue(gather_no_grad(out["z_target"][0]))
 
     @torch.no_grad()
@@ -115,6 +104,3 @@ class MoCoV2(Method):
         idx = (self.queue_ptr + torch.arange(n, device=self.queue.device)) % size
         self.queue.index_copy_(0, idx, keys)
         self.queue_ptr.copy_((self.queue_ptr + n) % size)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("target_")]

@@ -5,11 +5,18 @@
 - ``resnet18``, ``resnet50``: torchvision ResNets (He et al., 2016) with ``fc = Identity``;
   the CIFAR stem replaces ``conv1`` by a 3x3 stride-1 convolution and drops the max-pool
   (the CIFAR variant of SimCLR, Chen et al., 2020, App. B.9).  The module *is* the
-  torchvision model, so its ``state_dict`` loads strictly into
+  torchvision model (re-classed as a subclass that only adds the feature-map methods), so
+  its ``state_dict`` loads strictly into
   ``torchvision.models.resnet18()`` with the same two changes (export relies on this);
 - ``convnet_small``: a 4-block CNN for quick CPU work at 32x32 (256 features);
 - ``tv:<name>``: any torchvision classification model, classifier replaced by Identity;
 - ``timm:<name>``: any timm model (if timm is installed), built with ``num_classes=0``.
+
+Backbones that can also expose their last spatial map, ``forward_features(x) -> (B, C, H, W)``
+and ``forward_head(fmap) -> (B, feat_dim)`` with ``backbone(x) == forward_head(forward_features(x))``
+(see :mod:`metassl.models.feature_maps`): ``convnet_small``, the ResNets, the ``tv:`` families of
+:mod:`metassl.models.tv_feature_maps`, and ``timm:`` models whose ``forward_features`` returns an
+NCHW map (convnets; not ViTs).
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from metassl.models.feature_maps import FeatureMapForward
+
 __all__ = ["build_backbone", "ConvNetSmall", "apply_cifar_stem", "BACKBONE_NAMES"]
 
 BACKBONE_NAMES = ("convnet_small", "resnet18", "resnet50", "tv:<torchvision model>", "timm:<timm model>")
 
 
-class ConvNetSmall(nn.Module):
+class ConvNetSmall(FeatureMapForward, nn.Module):
     """A small, fast CNN: four ``conv3x3 -> BN -> ReLU`` blocks, 2x2 max-pool after the first
     three, global average pooling.  At 32x32 with the default widths it costs about 15 MMAC
     per image (ResNet-18 with the CIFAR stem: about 560 MMAC).
@@ -54,8 +63,11 @@ class ConvNetSmall(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x)).flatten(1)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.pool(fmap).flatten(1)
 
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
@@ -155,6 +167,9 @@ def _torchvision(name: str, arch: str, cifar_stem: bool | None, pretrained: bool
     _strip_torchvision_head(model, num_classes)
     if _resolve_stem(cifar_stem, input_size, pretrained, default=False):
         apply_cifar_stem(model)
+    from metassl.models.tv_feature_maps import add_feature_maps
+
+    add_feature_maps(model)
     if feat_dim is None:
         feat_dim = _probe_dim(model, kw.get("image_size", 224))
     return model, feat_dim
@@ -174,7 +189,25 @@ def _timm(name: str, arch: str, cifar_stem: bool | None, pretrained: bool, input
     if _resolve_stem(cifar_stem, input_size, pretrained, default=False):
         apply_cifar_stem(model)
     size = model.pretrained_cfg.get("input_size", (3, 224, 224)) if hasattr(model, "pretrained_cfg") else 224
-    return model, _probe_dim(model, size)
+    feat_dim, nchw = _probe_timm(model, size)
+    model.has_feature_maps = nchw  # the feature-map contract; timm's forward is forward_head(forward_features(x))
+    return model, feat_dim
+
+
+@torch.no_grad()
+def _probe_timm(model: nn.Module, size: int | tuple[int, int, int]) -> tuple[int, bool]:
+    """Feature size, and whether ``forward_features`` gives an NCHW map (convnets) rather than
+    tokens (ViTs) or NHWC maps (Swin), from one ``forward_head(forward_features(x))`` pass."""
+    shape = (3, size, size) if isinstance(size, int) else tuple(size)
+    was_training = model.training
+    model.eval()
+    try:
+        fmap = model.forward_features(torch.zeros(1, *shape, device=next(model.parameters()).device))
+        out = model.forward_head(fmap)
+    finally:
+        model.train(was_training)
+    nchw = fmap.dim() == 4 and str(getattr(model, "output_fmt", "NCHW")) == "NCHW"
+    return out.flatten(1).shape[1], nchw
 
 
 def build_backbone(
