@@ -126,8 +126,9 @@ def test_timm_feature_maps():
 def test_no_feature_maps_is_one_clear_line():
     squeeze, _ = build_backbone("tv:squeezenet1_1")  # a conv classifier, no split point kept
     assert not supports_feature_maps(squeeze)
+    assert squeeze.backbone_name == "tv:squeezenet1_1"  # recorded by build_backbone for the message
     with pytest.raises(ValueError) as info:
-        require_feature_maps(squeeze, "tv:squeezenet1_1")
+        require_feature_maps(squeeze)
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith("backbone 'tv:squeezenet1_1' has no spatial feature map (forward_features -> (B, C, H, W)); use ")

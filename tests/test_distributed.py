@@ -237,7 +237,7 @@ class Canary(Regularizer):
     def transform_features(self, h):
         return self._transform(h, self.gate)
 
-    def extra_loss(self, out, method, labels):
+    def extra_loss(self, out, ctx):
         f = torch.cat(out["f"][:2])
         noisy = f + 0.1 * torch.randn_like(f)
         return {"canary": 0.1 * self.head(noisy).pow(2).sum(1).mean()}
@@ -743,9 +743,9 @@ def test_moco_shuffle_bn_keys(ddp_results):
         views, _ = _batch(99, 0)
         x = views[0]
         with torch.no_grad():
-            shuffled = torch.cat([method._target_embed(x[perm.view(WORLD, -1)[r]], None) for r in range(WORLD)])
+            shuffled = torch.cat([method.target_embed(x[perm.view(WORLD, -1)[r]], None) for r in range(WORLD)])
             expected = shuffled[torch.argsort(perm)]
-            unshuffled = torch.cat([method._target_embed(x[r * N_LOCAL : (r + 1) * N_LOCAL], None) for r in range(WORLD)])
+            unshuffled = torch.cat([method.target_embed(x[r * N_LOCAL : (r + 1) * N_LOCAL], None) for r in range(WORLD)])
     keys = torch.cat([g["keys"] for g in got])
     _close(keys, expected, "shuffle-BN keys")
     assert not torch.allclose(keys, unshuffled, rtol=RTOL, atol=ATOL)

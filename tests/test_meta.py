@@ -155,8 +155,10 @@ def test_mirror_uses_each_param_group():
 
 def test_mirror_rejects_other_optimizers():
     model = Tiny()
-    with pytest.raises(NotImplementedError, match="virtual_step='sgd'"):
-        plan_virtual_step(named(model), VirtualStep("mirror"), torch.optim.Adam(model.parameters()))
+    with pytest.raises(NotImplementedError, match="virtual_step=sgd"):
+        plan_virtual_step(named(model), VirtualStep("mirror"), torch.optim.RMSprop(model.parameters()))
+    with pytest.raises(NotImplementedError, match="amsgrad"):
+        plan_virtual_step(named(model), VirtualStep("mirror"), torch.optim.Adam(model.parameters(), amsgrad=True))
     with pytest.raises(ValueError, match="not in the encoder optimizer"):
         plan_virtual_step(named(model), VirtualStep("mirror"), torch.optim.SGD(model.head.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="positive fixed lr"):

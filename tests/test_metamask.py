@@ -12,6 +12,7 @@ from torch import nn
 from metassl.config import load_config
 from metassl.engine.step import encoder_objective, training_step
 from metassl.meta import frozen_bn_stats
+from metassl.optimizers import LARS
 from metassl.methods import METHODS, build_method
 from metassl.regularizers import REGULARIZERS, MetaMask, StepContext, build_regularizer
 from metassl.regularizers.base import regularizer_hparams
@@ -36,7 +37,11 @@ def make(method: str = "simclr", dtype=torch.float32, seed: int = 0, **reg_kw):
     if method in ("byol", "simsiam"):
         kw["pred_hidden_dim"] = 8
     m = build_method(method, tiny_backbone(), FEAT, **kw)
-    reg = build_regularizer("metamask", m, drr_hidden_dim=8, drr_output_dim=7, **reg_kw)
+    # the first implementation's weighting and exact jvp form: the reference computations below
+    # were written for it (the rescaled defaults and the feature-difference tangent are tested
+    # in test_metamask_pinned.py and test_virtual_step_rules.py)
+    kw = dict(weight_base=10.0, drr_normalize=False, backbone_tangent="jvp", meta_optimizer="sgd", meta_lr=1e-3)
+    reg = build_regularizer("metamask", m, drr_hidden_dim=8, drr_output_dim=7, **{**kw, **reg_kw})
     m.to(dtype)
     reg.to(dtype)
     return m, reg
@@ -90,7 +95,7 @@ def test_mask_before_every_projector_and_target_sees_it(method):
             hooks.append(mod.register_forward_pre_hook(lambda _m, a, name=name: seen.setdefault(name, []).append(a[0].detach())))
     views = views_for()
     out = m(views, feature_transform=reg.transform_features)
-    reg.extra_loss(out, m, None)
+    reg.extra_loss(out, StepContext(method=m, views=views, out=out))
     for h in hooks:
         h.remove()
     mask = reg.mask().detach()
@@ -275,12 +280,18 @@ def test_one_step_with_every_base_method(method, options):
 
 def test_mirror_rejects_other_optimizers_and_sgd_rule_runs():
     m, reg = make()
-    opt = torch.optim.AdamW(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=1e-3)
+    opt = torch.optim.RMSprop(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=1e-3)
     meta_opt, _ = reg.configure_meta_optimizer(10)
-    with pytest.raises(NotImplementedError, match="virtual_step='sgd'"):
+    with pytest.raises(NotImplementedError, match="virtual_step=sgd"):
         training_step(m, reg, views_for(), None, opt, meta_opt)
+    for name in ("adamw", "lars"):  # mirrored (see test_virtual_step_rules.py)
+        m, reg = make()
+        params = list(m.trainable_parameters()) + reg.encoder_parameters()
+        opt = torch.optim.AdamW(params, lr=1e-3) if name == "adamw" else LARS(params, lr=0.1)
+        meta_opt, _ = reg.configure_meta_optimizer(10)
+        assert training_step(m, reg, views_for(), None, opt, meta_opt)["meta/grad_norm"] > 0
     m, reg = make(virtual_step="sgd", virtual_lr=0.1)
-    opt = torch.optim.AdamW(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=1e-3)
+    opt = torch.optim.RMSprop(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=1e-3)
     meta_opt, _ = reg.configure_meta_optimizer(10)
     logs = training_step(m, reg, views_for(), None, opt, meta_opt)
     assert logs["meta/grad_norm"] > 0

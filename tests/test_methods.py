@@ -14,7 +14,7 @@ from torch.func import functional_call
 import metassl
 from metassl.losses import moco_infonce
 from metassl.methods import METHODS, Method, build_method, method_hparams
-from metassl.methods.momentum import cosine_momentum
+from metassl.methods.momentum import MomentumMethod, cosine_momentum
 from metassl.models.backbones import build_backbone
 
 NAMES = ["simclr", "moco_v2", "byol", "simsiam", "barlow_twins", "vicreg"]
@@ -181,6 +181,87 @@ def test_feature_transform_reaches_every_head(name):
             unmasked = m.target_projector(m.target_backbone(v[1]).flatten(1))
         torch.testing.assert_close(out["z_target"][1], expected)
         assert not torch.allclose(out["z_target"][1], unmasked)
+
+
+# -- spatial feature maps on request ------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_feature_maps_on_request(name):
+    m = tiny(name)
+    assert m.return_feature_maps is False
+    v = views(3)
+    trunk_passes = []
+    m.backbone.features.register_forward_hook(lambda *a: trunk_passes.append(1))  # online trunk only
+    out_off = m(v)
+    assert "fmap" not in out_off
+    m.return_feature_maps = True
+    out_on = m(v)
+    assert len(trunk_passes) == 2 * len(v)  # one backbone pass per view either way
+    assert [f.shape for f in out_on["fmap"]] == [(B, 8, 2, 2)] * 3  # widths (4, 4, 8, 8), 16 px, 3 pools
+    for fmap, h in zip(out_on["fmap"], out_on["h"]):
+        assert torch.equal(h, m.backbone.forward_head(fmap))  # h is pooled from the same map
+    for key in ("h", "z"):
+        for a, b in zip(out_on[key], out_off[key]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(m.loss(out_on), m.loss(out_off), rtol=0, atol=0)
+    out_on["fmap"][0].sum().backward()  # the map is on the online graph
+    assert all(p.grad is not None for p in m.backbone.parameters())
+    m.return_feature_maps = False
+    assert "fmap" not in m(v)
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_feature_maps_under_functional_call(name):
+    m = tiny(name)
+    m.return_feature_maps = True
+    v = views()
+    virtual = {k: (p + 0.05 * torch.randn_like(p)) if p.requires_grad else p for k, p in m.named_parameters()}
+    state = {**virtual, **dict(m.named_buffers())}
+    on = functional_call(m, state, (v,))
+    m.return_feature_maps = False
+    off = functional_call(m, state, (v,))
+    torch.testing.assert_close(m.loss(on), m.loss(off), rtol=0, atol=0)
+    with torch.no_grad():
+        real = m.backbone.forward_features(v[0])
+    assert not torch.allclose(on["fmap"][0], real)  # the map was computed at the virtual weights
+
+
+def test_feature_maps_off_calls_the_backbone_module():
+    """Without maps the backbone is called as ``backbone(x)``: a patched ``forward`` (the
+    replay of cached features) is honoured."""
+    m = tiny("simclr")
+    v = views()
+    cached = {id(x): torch.randn(B, m.feat_dim) for x in v}
+    m.backbone.forward = lambda x: cached[id(x)]
+    try:
+        out = m(v)
+    finally:
+        del m.backbone.forward
+    assert all(torch.equal(h, cached[id(x)]) for h, x in zip(out["h"], v))
+
+
+def test_feature_maps_need_a_backbone_that_has_them():
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    m = build_method("simclr", backbone, 4, proj_hidden_dim=8, proj_output_dim=4)
+    with pytest.raises(ValueError, match="backbone 'Sequential' has no spatial feature map") as info:
+        m.return_feature_maps = True
+    assert "\n" not in str(info.value)
+    assert m.return_feature_maps is False
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_trainable_parameters(name):
+    m = tiny(name)
+    named = m.named_trainable_parameters()
+    assert [p for _, p in named] == m.trainable_parameters()
+    everything = dict(m.named_parameters())
+    assert all(everything[n] is p for n, p in named)
+    expected = {n for n in everything if not n.startswith("target_")}
+    assert {n for n, _ in named} == expected
+    m.requires_grad_(True)  # target networks stay out even when unfrozen by mistake
+    assert {n for n, _ in m.named_trainable_parameters()} == expected
+    m.projector[0].weight.requires_grad_(False)  # a frozen parameter is not updated
+    assert {n for n, _ in m.named_trainable_parameters()} == expected - {"projector.0.weight"}
+    assert isinstance(m, MomentumMethod) is (name in ("byol", "moco_v2"))
 
 
 # -- momentum methods ------------------------------------------------------------------------

@@ -9,7 +9,9 @@ their choices raise :class:`ConfigError` with one line that names the fix.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,7 +25,7 @@ GROUPS = ("method", "regularizer", "data", "backbone", "protocol", "paper")
 CHOICES: dict[str, tuple] = {
     "optimizer.name": ("sgd", "lars", "adamw"),
     "scheduler.name": ("warmup_cosine", "cosine", "constant"),
-    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+    "trainer.precision": ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "eval.features": ("transformed", "raw"),
 }
@@ -115,13 +117,61 @@ def _check_types(cfg: DictConfig) -> None:
         raise ConfigError(f"num_workers={workers!r} must be `auto` or an integer >= 0")
 
 
+def backbone_keys(name: str) -> set[str] | None:
+    """The keys a ``backbone`` section may set for backbone ``name``: ``build_backbone``'s own plus
+    the model constructor's keywords (``ConvNetSmall``; the torchvision builder and model class);
+    None where anything goes (``timm:`` models, constructors taking ``**kwargs``)."""
+    from metassl.signatures import keyword_parameters
+    from metassl.models.backbones import BACKBONE_NAMES, ConvNetSmall, build_backbone
+
+    own = set(keyword_parameters(build_backbone))
+    if name == "convnet_small":
+        return own | set(keyword_parameters(ConvNetSmall.__init__, skip=("self",)))
+    if name.startswith("timm:"):
+        return None
+    arch = name[3:] if name.startswith("tv:") else name if name in ("resnet18", "resnet50") else None
+    if arch is None:
+        raise ConfigError(f"unknown backbone {name!r}; options: {', '.join(BACKBONE_NAMES)}")
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"unknown torchvision classification model {arch!r} in backbone.name={name!r}; "
+            "see torchvision.models.list_models(module=torchvision.models)"
+        )
+    builder = torchvision.models.get_model_builder(arch)
+    try:  # the builders are annotated with their model class (``-> ResNet``)
+        cls = typing.get_type_hints(builder).get("return")
+    except (NameError, TypeError):
+        cls = None
+    if not inspect.isclass(cls):
+        return None
+    params = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    named = {p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    return own | named | set(keyword_parameters(builder, skip=("weights",)))
+
+
+def _check_backbone(cfg: DictConfig) -> None:
+    name = str(cfg.backbone.name)
+    valid = backbone_keys(name)
+    if valid is None:
+        return
+    unknown = sorted(set(cfg.backbone.keys()) - valid - {"name"})
+    if unknown:
+        key = unknown[0]
+        hint = difflib.get_close_matches(key, sorted(valid), n=1)
+        suffix = f"did you mean 'backbone.{hint[0]}'?" if hint else f"backbone {name} accepts: {', '.join(sorted(valid - {'name'}))}"
+        raise ConfigError(f"unknown config key 'backbone.{key}' for backbone {name}; {suffix}")
+
+
 def _check_groups(cfg: DictConfig) -> None:
     """Group sections are validated against their builders' signatures."""
     from metassl.data import validate_data_config
     from metassl.errors import DataError
     from metassl.methods import METHODS
-    from metassl.methods.base import keyword_parameters, method_hparams
-    from metassl.models.backbones import build_backbone
+    from metassl.methods.base import method_hparams
     from metassl.regularizers import REGULARIZERS
     from metassl.regularizers.base import regularizer_hparams
 
@@ -139,7 +189,7 @@ def _check_groups(cfg: DictConfig) -> None:
     if name not in REGULARIZERS:
         raise ConfigError(f"unknown regularizer {name!r}; available: {', '.join(sorted(REGULARIZERS))}")
     check("regularizer", regularizer_hparams(name))
-    check("backbone", keyword_parameters(build_backbone))
+    _check_backbone(cfg)
     try:
         validate_data_config(OmegaConf.to_container(cfg.data, resolve=True))
     except DataError as err:
@@ -172,7 +222,9 @@ def load_config(overrides: Iterable[str] = (), extra_files: Iterable[str | Path]
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides)
+    # backbone constructor keywords (backbone.widths=[...]) are not in the presets: `++` adds or
+    # overrides them; validation then checks them against the builder's signature
+    overrides = [f"++{o}" if o.startswith("backbone.") else o for o in overrides]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("metassl.configs", version_base="1.3"):

@@ -29,9 +29,8 @@ def build_metassl_case(args: argparse.Namespace, method_name: str, reg_name: str
         method.to(memory_format=torch.channels_last)
     if variant.compile:  # as train() with trainer.compile=true
         method.backbone.compile()
-    named = list(method.named_parameters()) + [
-        (f"regularizer.{n}", p) for n, p in reg.named_parameters() if any(p is q for q in reg.encoder_parameters())
-    ]
+    # the parameters the engine's encoder optimizer gets (SSLModule.configure_optimizers)
+    named = list(method.named_trainable_parameters()) + [(f"regularizer.{n}", p) for n, p in reg.named_encoder_parameters()]
     enc_opt = build_optimizer(DEFAULT_OPTIMIZER, named, scaled_lr(args))
     meta_opt = reg.configure_meta_optimizer(1000)[0] if reg.bilevel else None
     views, labels = make_views(args, variant)

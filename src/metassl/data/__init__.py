@@ -36,6 +36,7 @@ from .transforms import (
     ColorJitterFast,
     MultiViewTransform,
     ScaleNormalize,
+    augmentation_for,
     augmentation_names,
     build_eval_transform,
     build_ssl_transform,
@@ -45,7 +46,7 @@ from .transforms import (
 
 __all__ = [
     "DataBundle", "build_data", "data_config_keys", "aug_config_keys", "default_data_config",
-    "validate_data_config", "DATASET_NAMES", "AUG_DEFAULTS", "augmentation_names",
+    "validate_data_config", "DATASET_NAMES", "AUG_DEFAULTS", "augmentation_names", "augmentation_for",
     "ImageDataset", "BuiltinShapes", "generate_builtin", "SHAPES", "BACKGROUNDS",
     "MultiViewTransform", "ColorJitterFast", "ScaleNormalize",
     "build_ssl_transform", "build_eval_transform", "resolve_normalization",

@@ -234,6 +234,16 @@ def augmentation_names() -> list[str]:
     return sorted(ALIASES)
 
 
+def augmentation_for(method_name: str) -> str:
+    """The augmentation of a method: its own recipe where :data:`ALIASES` has one, else the
+    family its class declares (``Method.augmentation``, e.g. ``simclr`` or ``byol``)."""
+    if method_name in ALIASES:
+        return method_name
+    from metassl.methods.base import get_method_class  # lazy: the data layer does not need the methods
+
+    return get_method_class(method_name).augmentation
+
+
 def _per_view(value: Any, i: int) -> float:
     if isinstance(value, (list, tuple)):
         return float(value[i % len(value)])

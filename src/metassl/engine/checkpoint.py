@@ -9,10 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from metassl.config import validate
-from metassl.data import build_data
+from metassl.data import augmentation_for, build_data
 from metassl.engine.evaluation import evaluate_backbone
 from metassl.engine.module import SSLModule
-from metassl.engine.train import augmentation_for
 from metassl.errors import ConfigError, MetasslError
 
 

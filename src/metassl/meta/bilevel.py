@@ -86,7 +86,7 @@ class BilevelRegularizer(Regularizer):
         fd_radius: float = 1e-2,
         virtual_step: str = "mirror",
         virtual_lr: float | None = None,
-        meta_precision: str = "fp32",
+        meta_precision: str = "auto",
         meta_optimizer: str = "sgd",
         meta_lr: float = 1e-3,
         meta_momentum: float = 0.9,
@@ -99,7 +99,7 @@ class BilevelRegularizer(Regularizer):
             grad_mode=(grad_mode, GRAD_MODES),
             fd_scheme=(fd_scheme, ("central", "forward")),
             virtual_step=(virtual_step, ("mirror", "sgd")),
-            meta_precision=(meta_precision, ("fp32", "autocast")),
+            meta_precision=(meta_precision, ("auto", "fp32", "autocast")),
             meta_optimizer=(meta_optimizer, ("sgd", "adam")),
             meta_scheduler=(meta_scheduler, ("cosine", "constant")),
         )
@@ -163,6 +163,8 @@ class BilevelRegularizer(Regularizer):
         inv = 1.0 / float(ctx.grad_scale) if ctx.grad_scale else 1.0
         if ctx.clip is not None:
             inv /= ctx.clip.factor
+        if inv == 1.0:
+            return {n: (None if p.grad is None else p.grad.detach()) for n, p in params.items()}
         return {n: (None if p.grad is None else p.grad.detach() * inv) for n, p in params.items()}
 
     def meta_gradient(
@@ -182,12 +184,23 @@ class BilevelRegularizer(Regularizer):
             mode=self.grad_mode,
             radius=self.fd_radius,
             fd_scheme=self.fd_scheme,
-            full_precision=self.meta_precision == "fp32",
+            full_precision=self.full_precision_meta(ctx),
             modules=[ctx.method, self],
             distributed=ctx.distributed,
         )
         args.update(kw)
         return meta_gradient(params, self.named_meta_parameters(), outer, inner, **args)
+
+    def full_precision_meta(self, ctx: StepContext) -> bool:
+        """Meta passes without autocast: ``fp32`` always, ``autocast`` never, ``auto`` unless
+        the real step runs under autocast (then the outer pass follows the training
+        precision, as the real step does; finite differences always run in full precision)."""
+        if self.meta_precision == "fp32" or self.grad_mode == "finite_difference":
+            return True
+        if self.meta_precision == "autocast":
+            return False
+        device = next(iter(ctx.method.parameters())).device.type
+        return not (torch.is_autocast_enabled(device) or torch.is_autocast_enabled("cpu"))
 
     @staticmethod
     def _rest_sq(ctx: StepContext) -> float:

@@ -83,6 +83,7 @@ from metassl.losses.distributed import is_distributed
 from metassl.meta.virtual_step import VirtualStep, apply_virtual_step, plan_virtual_step, step_vjp
 
 __all__ = [
+    "global_norm",
     "GRAD_MODES",
     "LossFn",
     "MetaGradient",
@@ -173,8 +174,9 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
 
 # -- helpers ---------------------------------------------------------------------------------
 def _all_finite(grads: Iterable[torch.Tensor | None], distributed: bool) -> bool:
-    """All inner gradients finite, on every rank (so all ranks take the same branch)."""
-    checks = [torch.isfinite(t).all() for t in grads if t is not None]
+    """All inner gradients finite, on every rank (so all ranks take the same branch); one
+    reduction per tensor (a sum is finite iff every element is, barring overflow)."""
+    checks = [torch.isfinite(t.sum()) for t in grads if t is not None]
     if not checks:
         return True
     ok = torch.stack(checks).all().to(torch.float32)
@@ -195,8 +197,13 @@ def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(sum((a[k].double() * b[k].double()).sum() for k in a))
 
 
-def _norm(d: dict[str, torch.Tensor]) -> float:
-    return float(sum(t.double().pow(2).sum() for t in d.values())) ** 0.5
+def _norm(d: Mapping[str, torch.Tensor]) -> float:
+    """Global 2-norm of a tensor dict (per-tensor norms first: no float64 copy of the weights)."""
+    if not d:
+        return 0.0
+    norms = [torch.linalg.vector_norm(t.detach()) for t in d.values()]
+    dtype = torch.promote_types(torch.float32, max((n.dtype for n in norms), key=lambda dt: torch.finfo(dt).bits))
+    return float(torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms])))
 
 
 def _grad_phi_fn(inner_loss: LossFn, meta: dict[str, torch.Tensor]):
@@ -261,6 +268,9 @@ def _second_order_term(
         return {k: (plus[k] - minus[k]) / (2 * eps) for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
     here = inner_meta_grad(inner_loss, theta, meta) if at_theta is None else {k: at_theta[k].detach() for k in meta}
     return {k: (plus[k] - here[k].to(plus[k].dtype)) / eps for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
+
+
+global_norm = _norm
 
 
 # -- the engine ------------------------------------------------------------------------------

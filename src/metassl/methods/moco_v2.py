@@ -60,7 +60,6 @@ class MoCoV2(MomentumMethod):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     # -- target branch -------------------------------------------------------------------
-    _target_embed = MomentumMethod.target_embed  # old name, still used by tests/test_distributed.py
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor, feature_transform: FeatureTransform | None = None) -> torch.Tensor:

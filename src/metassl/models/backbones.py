@@ -233,12 +233,14 @@ def build_backbone(
         if pretrained:
             raise ValueError("backbone 'convnet_small' has no pretrained weights; use pretrained=false")
         model = ConvNetSmall(cifar_stem=_resolve_stem(cifar_stem, input_size, False, default=True), **kw)
-        return model, model.out_dim
-    if name in ("resnet18", "resnet50"):
-        return _torchvision(name, name, cifar_stem, pretrained, input_size, kw)
-    if name.startswith("tv:"):
-        return _torchvision(name, name[3:], cifar_stem, pretrained, input_size, kw)
-    if name.startswith("timm:"):
-        return _timm(name, name[5:], cifar_stem, pretrained, input_size, kw)
-    raise ValueError(f"unknown backbone {name!r}; options: {', '.join(BACKBONE_NAMES)}")
-
+        built = model, model.out_dim
+    elif name in ("resnet18", "resnet50"):
+        built = _torchvision(name, name, cifar_stem, pretrained, input_size, kw)
+    elif name.startswith("tv:"):
+        built = _torchvision(name, name[3:], cifar_stem, pretrained, input_size, kw)
+    elif name.startswith("timm:"):
+        built = _timm(name, name[5:], cifar_stem, pretrained, input_size, kw)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; options: {', '.join(BACKBONE_NAMES)}")
+    built[0].backbone_name = name  # a plain attribute (not in the state_dict), for error messages
+    return built

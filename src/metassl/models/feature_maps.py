@@ -49,9 +49,11 @@ def supports_feature_maps(backbone: nn.Module) -> bool:
 
 def require_feature_maps(backbone: nn.Module, name: str | None = None) -> None:
     """Raise one clear ``ValueError`` line unless ``backbone`` has feature maps; ``name`` is the
-    backbone's config name (default: its class name)."""
+    backbone's config name (default: the ``backbone_name`` that ``build_backbone`` records, else
+    the class name)."""
     if not supports_feature_maps(backbone):
-        name = name if name is not None else type(backbone).__name__
+        if name is None:
+            name = getattr(backbone, "backbone_name", None) or type(backbone).__name__
         raise ValueError(
             f"backbone {name!r} has no spatial feature map (forward_features -> (B, C, H, W)); use {FEATURE_MAP_BACKBONES}"
         )

@@ -51,8 +51,10 @@ Options (defaults in brackets)
     step; ``heads``: the fast option, the backbone stays, its real features are replayed.
 ``second_order_params`` [``all``]: ``heads`` drops the backbone's share of the
     second-order term (an approximation; the backbone still steps).
-``meta_precision`` [``fp32``]: meta passes without autocast, or ``autocast`` (the outer
-    pass under the training precision; not with ``finite_difference``).
+``meta_precision`` [``auto``]: the outer pass at ``θ'`` in the training precision (bf16 under
+    ``bf16-mixed``, as the real step), the tangent in fp32; ``fp32``: every meta pass without
+    autocast; ``autocast``: always under the caller's autocast.  Finite differences always
+    run in fp32 (a difference quotient of bf16 gradients is rounding noise).
 ``meta_optimizer, meta_lr, meta_momentum, meta_weight_decay, meta_scheduler``
     [adam, 1e-2, 0.9, 0, cosine]: the mask optimizer (official: SGD 1e-3, 0.9, 5e-4).
 ``sigmoid`` [True]: False = the official ``--disable-sigmoid`` (``m = w``, ``w₀ = 1``).
@@ -80,6 +82,7 @@ from torch.func import functional_call
 
 from metassl.losses import barlow_twins_loss
 from metassl.meta import MetaGradient, full_precision_context, inner_meta_grad, meta_pass_context
+from metassl.meta.engine import global_norm
 from metassl.meta.bilevel import BilevelRegularizer, blocked
 from metassl.methods.base import Method
 from metassl.models.heads import ProjectionHead
@@ -150,7 +153,7 @@ class MetaMask(BilevelRegularizer):
         backbone_tangent: str = "difference",
         tangent_radius: float = 1e-3,
         fd_scheme: str = "central",
-        meta_precision: str = "fp32",
+        meta_precision: str = "auto",
         order: str = "reuse",
         virtual_step: str = "mirror",
         virtual_lr: float | None = None,
@@ -305,8 +308,7 @@ class MetaMask(BilevelRegularizer):
             u_rest = {k: u[k] for k in rest}
             device = next(iter(theta.values())).device
             with torch.no_grad(), full_precision_context(device):
-                w_norm = float(sum(t.double().pow(2).sum() for t in bb.values())) ** 0.5
-                u_norm = float(sum(t.double().pow(2).sum() for t in ub.values())) ** 0.5
+                w_norm, u_norm = global_norm(bb), global_norm(ub)
                 if u_norm == 0.0:
                     dh = [torch.zeros_like(h) for h in replay_h]
                 else:
