@@ -91,3 +91,44 @@ def test_method_preset_brings_its_optimizer_and_overrides_win():
     assert load_config(["method=simclr"]).optimizer.name == "sgd"
     cfg = load_config(["method=vicreg", "regularizer=metamask", "regularizer.virtual_step=sgd"])
     assert cfg.regularizer.virtual_step == "sgd"
+
+
+def test_backbone_constructor_keywords_from_the_command_line():
+    """backbone.<key>=... reaches the builder's own keywords (no `+` needed): ConvNetSmall's
+    widths, torchvision's model keywords; anything for timm models."""
+    cfg = load_config(["backbone.widths=[16,32,64,128]", "backbone.in_channels=3"])
+    assert list(cfg.backbone.widths) == [16, 32, 64, 128]
+    assert load_config(["backbone=resnet18", "backbone.zero_init_residual=true"]).backbone.zero_init_residual is True
+    assert load_config(["backbone.name=tv:mobilenet_v3_small", "backbone.dropout=0.1"]).backbone.dropout == 0.1
+    assert load_config(["backbone.name=timm:resnet10t", "backbone.drop_rate=0.1"]).backbone.drop_rate == 0.1
+    assert load_config(["backbone.cifar_stem=true"]).backbone.cifar_stem is True  # a preset key still overrides
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("backbone.widht=[8]", "unknown config key 'backbone.widht' for backbone convnet_small; did you mean 'backbone.widths'?"),
+        ("backbone.foo=1", "backbone convnet_small accepts: cifar_stem, in_channels, input_size, pretrained, widths"),
+        ("backbone=resnet18 backbone.widths=[8]", "unknown config key 'backbone.widths' for backbone resnet18"),
+        ("backbone.name=tv:resnet_nope", "unknown torchvision classification model 'resnet_nope'"),
+        ("backbone.name=vgg", "unknown backbone 'vgg'; options: convnet_small"),
+    ],
+)
+def test_bad_backbone_keyword_is_one_line(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(override.split())
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_backbone_keyword_the_constructor_rejects_is_one_line(tmp_path, capsys):
+    from metassl.cli import main
+
+    assert main(["train", "protocol=smoke", "backbone.widths=[8,8]", f"output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["metassl: error: convnet_small has 4 blocks; got widths=(8, 8)"]
+
+
+def test_precision_auto_is_the_default_and_valid():
+    assert load_config([]).trainer.precision == "auto"
+    with pytest.raises(ConfigError, match="choose one of: auto, 32-true"):
+        load_config(["trainer.precision=fp8"])

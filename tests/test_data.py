@@ -335,3 +335,17 @@ def test_imagefolder_errors(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:60])
     with pytest.raises(CorruptImageError, match=str(truncated)):
         lazy.test[0]
+
+
+def test_augmentation_for_every_method():
+    """Each method maps to an augmentation the data layer knows: its own recipe where there is
+    one (moco_v2: crop scale 0.2), else the family its class declares."""
+    from metassl.data import augmentation_for, augmentation_names
+    from metassl.methods import METHODS
+    from metassl.methods.base import get_method_class
+
+    for name in METHODS:
+        aug = augmentation_for(name)
+        assert aug in augmentation_names()
+        assert resolve_augmentation(aug, 32)[0] == get_method_class(name).augmentation
+    assert resolve_augmentation(augmentation_for("moco_v2"), 32)[1]["crop_scale_min"] == 0.2

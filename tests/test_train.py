@@ -23,11 +23,15 @@ def trained_run(tmp_path_factory):
 
 def test_run_folder_contents(trained_run):
     out = trained_run
-    for name in ("config.yaml", "metrics.csv", "summary.json", "curves.png", "checkpoints/last.ckpt"):
+    for name in ("config.yaml", "metrics.csv", "summary.json", "curves.png", "checkpoints/last.ckpt", "knn_init.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert 0.0 <= summary["knn_top1"] <= 1.0
+    init = json.loads((out / "knn_init.json").read_text())
+    assert init["k"] == summary["knn"]["k"] and init["t"] == summary["knn"]["t"]
+    assert 0.0 < summary["knn_top1_init"] == init["knn_top1_init"] <= 1.0
+    assert summary["precision"] in ("bf16-mixed", "32-true")  # trainer.precision=auto, resolved
     assert summary["method"] == "simclr" and summary["dataset"] == "builtin" and summary["steps"] == 4  # 128 images / batch 32
     metrics = (out / "metrics.csv").read_text()
     assert "train/loss" in metrics
@@ -42,17 +46,22 @@ def test_existing_run_is_not_overwritten(trained_run, capsys):
     assert (trained_run / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
-def test_resume_auto_continues(trained_run, tmp_path):
+def test_resume_auto_continues(trained_run, tmp_path, capsys):
     import shutil
 
     out = tmp_path / "resumed"
     shutil.copytree(trained_run, out)
+    # the untrained kNN recorded by the first run is kept, not recomputed (a marker value shows it)
+    record = json.loads((out / "knn_init.json").read_text())
+    (out / "knn_init.json").write_text(json.dumps({**record, "knn_top1_init": 0.0123}))
     args = ["train", "protocol=smoke", f"output_dir={out}", "data.num_train=160", "data.num_test=60",
             "method.proj_hidden_dim=64", "method.proj_output_dim=32", "trainer.max_steps=-1", "trainer.max_epochs=2",
             "resume=auto"]
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["epochs"] == 2
+    assert summary["knn_top1_init"] == 0.0123
+    assert "(untrained 0.0123)" in capsys.readouterr().out
     # last.ckpt is the last epoch's, whatever the validation score did (Lightning >= 2.5 only
     # refreshes a monitored callback's save_last file when its top-k file changes)
     assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 8
@@ -132,3 +141,39 @@ def test_divergence_stops_with_one_clear_line(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("metassl: error:")]
     assert len(errors) == 1 and "training diverged" in errors[0] and "gradient_clip_val" in errors[0]
     assert (out / "config.yaml").is_file() and not (out / "summary.json").exists()
+
+
+def test_untrained_knn_is_printed_and_leaves_training_unchanged(tmp_path, capsys):
+    """The untrained network's kNN is computed before fit without moving training's random
+    stream: the losses are those of a run without it."""
+    base = ["train", "protocol=smoke", "data.num_train=96", "data.num_test=40", "trainer.max_steps=2"]
+    assert main(base + [f"output_dir={tmp_path / 'with'}"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    init = json.loads((tmp_path / "with" / "summary.json").read_text())["knn_top1_init"]
+    assert f"(untrained {init:.4f})" in line
+    assert main(base + [f"output_dir={tmp_path / 'without'}", "eval.knn_init=false"]) == 0
+    assert "(untrained " not in capsys.readouterr().out
+    assert json.loads((tmp_path / "without" / "summary.json").read_text())["knn_top1_init"] is None
+    assert not (tmp_path / "without" / "knn_init.json").exists()
+
+    def losses(run):
+        return [r["train/loss"] for r in csv.DictReader(open(tmp_path / run / "metrics.csv")) if r.get("train/loss")]
+
+    assert losses("with") == losses("without") and len(losses("with")) == 2
+
+
+def test_unlabelled_folder_without_eval_folders_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "unl").mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / "unl" / f"{i}.png")
+    args = ["train", "protocol=smoke", "data=imagefolder", f"data.train_dir={tmp_path / 'unl'}", "data.labelled=false",
+            f"output_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.eval_train_dir=" in err[0] and "data.test_dir=" in err[0]
+    assert not (tmp_path / "run").exists()
+    assert main(args + [f"data.test_dir={tmp_path / 'unl'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_train_dir=" in err and "data.test_dir=" not in err

@@ -30,8 +30,10 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(cfg)
     if summary:
         k, t = cfg.eval.knn.k, cfg.eval.knn.t
+        init = summary.get("knn_top1_init")
+        untrained = f" (untrained {init:.4f})" if init is not None else ""
         print(
-            f"kNN top-1 on the {cfg.data.name} test split (k={k}, t={t}, last epoch): {summary['knn_top1']:.4f}"
+            f"kNN top-1 on the {cfg.data.name} test split (k={k}, t={t}, last epoch): {summary['knn_top1']:.4f}{untrained}"
             f"  | run folder: {Path(summary['output_dir']).resolve()}"
         )
     return 0

@@ -173,7 +173,7 @@ def _check_groups(cfg: DictConfig) -> None:
     from metassl.methods import METHODS
     from metassl.methods.base import method_hparams
     from metassl.regularizers import REGULARIZERS
-    from metassl.regularizers.base import regularizer_hparams
+    from metassl.regularizers.base import check_regularizer, regularizer_hparams
 
     def check(section: str, valid: Iterable[str]) -> None:
         valid = set(valid) | {"name"}
@@ -189,6 +189,10 @@ def _check_groups(cfg: DictConfig) -> None:
     if name not in REGULARIZERS:
         raise ConfigError(f"unknown regularizer {name!r}; available: {', '.join(sorted(REGULARIZERS))}")
     check("regularizer", regularizer_hparams(name))
+    try:  # the regularizer's own word on the base method (supports()), one line
+        check_regularizer(name, cfg.method.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check_backbone(cfg)
     try:
         validate_data_config(OmegaConf.to_container(cfg.data, resolve=True))
@@ -207,11 +211,6 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"config section {section!r} needs a `name`; choose a preset with {section}=<name>")
     _check_types(cfg)
     _check_groups(cfg)
-    if cfg.regularizer.get("virtual_step") == "mirror" and cfg.optimizer.name != "sgd":
-        raise ConfigError(
-            f"regularizer.virtual_step=mirror replays the SGD update, but optimizer.name={cfg.optimizer.name}; "
-            "set regularizer.virtual_step=sgd (fixed-lr virtual step) or optimizer.name=sgd"
-        )
     return cfg
 
 

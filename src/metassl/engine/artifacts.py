@@ -75,8 +75,9 @@ def best_val_epoch(rows: list[dict[str, float]]) -> dict[str, float] | None:
     return best
 
 
-def plot_curves(rows: list[dict[str, float]], out_png: Path, title: str) -> None:
-    """Training loss per step and kNN top-1 per epoch, side by side."""
+def plot_curves(rows: list[dict[str, float]], out_png: Path, title: str, knn_init: float | None = None) -> None:
+    """Training loss per step and kNN top-1 per epoch, side by side; ``knn_init`` (the untrained
+    network's test kNN) as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,6 +93,8 @@ def plot_curves(rows: list[dict[str, float]], out_png: Path, title: str) -> None
         x, y = series(rows, key, "epoch")
         if x:
             ax_knn.plot([e + 1 for e in x], y, marker="o", ms=3, label=label)
+    if knn_init is not None:
+        ax_knn.axhline(knn_init, ls="--", lw=1, color="grey", label="test kNN, untrained")
     ax_knn.set_xlabel("epoch")
     ax_knn.set_ylabel("kNN top-1")
     ax_knn.set_ylim(0, 1)

@@ -12,6 +12,7 @@ from metassl.config import validate
 from metassl.data import augmentation_for, build_data
 from metassl.engine.evaluation import evaluate_backbone
 from metassl.engine.module import SSLModule
+from metassl.engine.train import check_eval_data
 from metassl.errors import ConfigError, MetasslError
 
 
@@ -47,6 +48,7 @@ def evaluate_checkpoint(ckpt: str | Path, protocol: str, overrides: Iterable[str
     """``metassl eval knn|linear``: kNN (main + ``eval.knn_extra`` pairs) or the linear probe."""
     module = load_module(ckpt)
     cfg = _apply_overrides(module.cfg, overrides)
+    check_eval_data(cfg.data)
     bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=augmentation_for(cfg.method.name))
     module.cfg = OmegaConf.to_container(cfg, resolve=True)
     pairs = [(int(cfg.eval.knn.k), float(cfg.eval.knn.t))] + [tuple(p) for p in cfg.eval.knn_extra]

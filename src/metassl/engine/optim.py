@@ -41,10 +41,10 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
 def build_optimizer(cfg: Mapping[str, Any], named_params: Iterable[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
     """Encoder optimizer from the ``optimizer`` config section at learning rate ``lr``.
 
-    SGD and AdamW use torch's fused step where the device has it (fused kernels instead of a
-    loop over parameters and operations: for ResNet-18's 11 M parameters on CPU 5 ms instead
-    of 11 ms (loop) or 22 ms (foreach); the same update up to rounding).  The state (e.g. SGD's
-    ``momentum_buffer``) is the usual one, so MetaMask's mirrored virtual step reads it as is.
+    SGD and AdamW use torch's fused step where the device has it (one kernel instead of a loop
+    over parameters and operations; the same update up to rounding).  The state (SGD's
+    ``momentum_buffer``, Adam's moments) is the usual one, so the bilevel regularizers'
+    mirrored virtual step (:mod:`metassl.meta.virtual_step`) reads it as is.
     """
     groups = param_groups(named_params, cfg["weight_decay"], cfg["exclude_bias_and_norm"])
     name = cfg["name"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import time
@@ -18,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from metassl.config import ConfigError
-from metassl.data import DataBundle, build_data
+from metassl.data import DataBundle, augmentation_for, build_data
 from metassl.engine.artifacts import best_val_epoch, merge_metrics, plot_curves, read_metrics, set_aside_metrics, write_summary
 from metassl.engine.evaluation import evaluate_backbone, knn_key
 from metassl.engine.module import SSLModule
-from metassl.methods.base import get_method_class
+from metassl.engine.precision import resolve_precision
 
 
 class IndexedDataset(Dataset):
@@ -37,13 +38,6 @@ class IndexedDataset(Dataset):
     def __getitem__(self, i: int):
         x, y = self.dataset[i][:2]
         return x, y, i
-
-
-def augmentation_for(method_name: str) -> str:
-    """The method's own augmentation recipe if the data layer has one, else its family."""
-    from metassl.data.transforms import ALIASES
-
-    return method_name if method_name in ALIASES else get_method_class(method_name).augmentation
 
 
 def resolve_num_workers(value: Any) -> int:
@@ -68,16 +62,29 @@ def knn_val_mask(n: int, fraction: float, seed: int) -> torch.Tensor:
     return mask
 
 
-def _check_runtime(cfg: DictConfig) -> None:
+def _check_runtime(cfg: DictConfig, precision: str) -> None:
     cuda = torch.cuda.is_available()
     accel = cfg.trainer.accelerator
     if accel in ("gpu", "cuda") and not cuda:
         raise ConfigError("trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu")
     on_cpu = accel == "cpu" or not cuda
-    if on_cpu and str(cfg.trainer.precision) == "16-mixed":
+    if on_cpu and precision == "16-mixed":
         raise ConfigError("trainer.precision=16-mixed needs a GPU; on CPU use trainer.precision=bf16-mixed")
     if on_cpu and cfg.trainer.sync_batchnorm:
         raise ConfigError("trainer.sync_batchnorm=true needs GPUs (SyncBatchNorm fails on CPU); set it to false")
+
+
+def check_eval_data(data: DictConfig) -> None:
+    """Training and evaluation need labelled eval splits (kNN bank and test set)."""
+    if data.name != "imagefolder" or data.get("labelled", True):
+        return
+    missing = [key for key in ("eval_train_dir", "test_dir") if data.get(key) is None]
+    if missing:
+        keys = " and ".join(f"data.{key}=<folder with one subfolder per class>" for key in missing)
+        raise ConfigError(
+            f"data.labelled=false reads data.train_dir as unlabelled images, but the kNN monitor and the evaluation "
+            f"need labelled folders: set {keys}"
+        )
 
 
 def _resolve_resume(cfg: DictConfig, out: Path) -> str | None:
@@ -119,6 +126,48 @@ def make_loaders(cfg: DictConfig, bundle: DataBundle) -> tuple[DataLoader, list[
     return train, val
 
 
+def _is_global_zero_process() -> bool:
+    """False in the processes a distributed launcher started for ranks > 0 (they skip work
+    that rank 0 does for everyone before ``fit``)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _eval_device(cfg: DictConfig) -> torch.device:
+    """The device of rank 0's forward passes before ``fit``: its GPU when the run uses CUDA
+    (not for fork strategies, which need CUDA uninitialised until they fork), else the CPU."""
+    accel, strategy = cfg.trainer.accelerator, str(cfg.trainer.strategy)
+    if not torch.cuda.is_available() or accel not in ("auto", "gpu", "cuda") or "fork" in strategy or "notebook" in strategy:
+        return torch.device("cpu")
+    devices = cfg.trainer.devices
+    first = devices[0] if OmegaConf.is_list(devices) and len(devices) else 0
+    return torch.device("cuda", int(first))
+
+
+def initial_knn(cfg: DictConfig, module: SSLModule, bundle: DataBundle, out: Path, resuming: bool) -> float | None:
+    """kNN top-1 of the untrained network (random init at ``seed``, test split, the run's k and t),
+    computed before training and kept in ``<out>/knn_init.json``; a resumed run reads it back."""
+    if not cfg.eval.knn_init or not _is_global_zero_process():
+        return None
+    k, t = int(cfg.eval.knn.k), float(cfg.eval.knn.t)
+    key = {"k": k, "t": t, "features": str(cfg.eval.features), "seed": int(cfg.seed)}
+    record = out / "knn_init.json"
+    if resuming and record.is_file():
+        saved = json.loads(record.read_text())
+        if all(saved.get(name) == value for name, value in key.items()):
+            return saved["knn_top1_init"]
+    device = _eval_device(cfg)
+    with torch.random.fork_rng(devices=[]):  # the loaders draw seeds: training's random stream stays as without this
+        module.to(device)
+        try:
+            results = evaluate_backbone(module.method.backbone, module.eval_transform(), bundle, knn_pairs=[(k, t)],
+                                        batch_size=int(cfg.eval.batch_size), device=device, seed=int(cfg.seed))
+        finally:
+            module.to("cpu")
+    value = results[knn_key(k, t)]
+    record.write_text(json.dumps({**key, "knn_top1_init": value}, indent=2) + "\n")
+    return value
+
+
 def _quiet_lightning() -> None:
     """Drop Lightning messages that mislead here: the run folder is ours (config.yaml is written
     before the CSV logger starts, and resumed runs keep their earlier metrics), and the tips."""
@@ -131,7 +180,9 @@ def _quiet_lightning() -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate, and write the run folder. Returns the summary dict."""
     _quiet_lightning()
-    _check_runtime(cfg)
+    precision = resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator), str(cfg.trainer.strategy))
+    _check_runtime(cfg, precision)
+    check_eval_data(cfg.data)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     ckpt_path = _resolve_resume(cfg, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -140,16 +191,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module_cfg = build_module_config(cfg, bundle)
     try:
         module = SSLModule(module_cfg, num_classes=bundle.num_classes)
-    except (ValueError, KeyError) as err:  # a hyper-parameter the builders reject, e.g. metamask grad_mode
+    except (ValueError, KeyError, TypeError) as err:  # a value the builders reject, e.g. metamask grad_mode, a backbone keyword
         raise ConfigError(str(err).strip("'\"").splitlines()[0]) from None
     module.knn_val_mask = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
+    out.mkdir(parents=True, exist_ok=True)
+    knn_init = initial_knn(cfg, module, bundle, out, resuming=ckpt_path is not None)
     if cfg.trainer.compile:
         # in place (nn.Module.compile): parameter names and checkpoint keys stay those of the
         # eager model, so a compiled run resumes, evaluates and exports like any other
         module.method.backbone.compile()
     train_loader, val_loaders = make_loaders(cfg, bundle)
 
-    out.mkdir(parents=True, exist_ok=True)
     if ckpt_path is not None:
         set_aside_metrics(out)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(module_cfg)))
@@ -185,7 +237,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
         strategy=cfg.trainer.strategy,
-        precision=cfg.trainer.precision,
+        precision=precision,
         sync_batchnorm=cfg.trainer.sync_batchnorm,
         deterministic=cfg.trainer.deterministic,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
@@ -203,10 +255,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     if not trainer.is_global_zero:
         return {}
-    return finish_run(cfg, module, trainer, bundle, out, train_seconds)
+    return finish_run(cfg, module, trainer, bundle, out, train_seconds, precision=precision, knn_init=knn_init)
 
 
-def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: DataBundle, out: Path, train_seconds: float) -> dict[str, Any]:
+def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: DataBundle, out: Path, train_seconds: float,
+               *, precision: str, knn_init: float | None) -> dict[str, Any]:
     """Final evaluation on the last weights, curves, regularizer artefacts and summary.json."""
     k, t = int(cfg.eval.knn.k), float(cfg.eval.knn.t)
     pairs = [(k, t)] + [tuple(p) for p in cfg.eval.knn_extra]
@@ -237,6 +290,7 @@ def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: D
     test_by_epoch = [r["test/knn_top1"] for r in rows if "test/knn_top1" in r]
     summary = {
         "knn_top1": results[knn_key(k, t)],
+        "knn_top1_init": knn_init,
         "knn": {"k": k, "t": t, "split": "test", "weights": "last epoch", "bank": "labelled train split"},
         "knn_top1_best_val": best.get("test/knn_top1") if best else None,
         "best_val_epoch": int(best["epoch"]) + 1 if best else None,
@@ -250,7 +304,7 @@ def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: D
         "seed": int(cfg.seed),
         "batch_size": int(cfg.batch_size),
         "world_size": int(trainer.world_size),
-        "precision": str(cfg.trainer.precision),
+        "precision": precision,
         "eval_features": cfg.eval.features,
         "train_seconds": round(train_seconds, 1),
         "torch": torch.__version__,
@@ -259,6 +313,6 @@ def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: D
     }
     module.regularizer.on_train_end(out)
     title = f"{cfg.method.name} + {cfg.regularizer.name} | {cfg.backbone.name} | {cfg.data.name}"
-    plot_curves(rows, out / "curves.png", title)
+    plot_curves(rows, out / "curves.png", title, knn_init=knn_init)
     write_summary(out / "summary.json", summary)
     return summary

@@ -40,7 +40,7 @@ Options (defaults in brackets)
 ``backbone_tangent`` [``difference``] (exact second order with ``order=reuse``): the mask acts
     on the backbone output, so the mixed term needs the backbone only through its tangent
     ``J_bb u`` along the virtual direction.  ``difference``: a one-sided difference of
-    backbone features at relative radius ``tangent_radius`` [1e-3] (one no-grad backbone
+    backbone features at relative radius ``tangent_radius`` [1e-5] (one no-grad backbone
     forward; exact heads), at the pass floor of a same-batch second-order step.
     ``jvp``: forward-mode through the whole inner gradient (exact to rounding, one more
     forward-mode backbone pass).  Agreement and cost: ``benchmarks/metamask_overhead.json``.
@@ -151,7 +151,7 @@ class MetaMask(BilevelRegularizer):
         sigmoid: bool = True,
         grad_mode: str = "second_order",
         backbone_tangent: str = "difference",
-        tangent_radius: float = 1e-3,
+        tangent_radius: float = 1e-5,
         fd_scheme: str = "central",
         meta_precision: str = "auto",
         order: str = "reuse",
