@@ -29,14 +29,18 @@ def tiny_backbone() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, FEAT, 3, padding=1), nn.BatchNorm2d(FEAT), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def make(method: str = "simclr", dtype=torch.float32, seed: int = 0, **reg_kw):
-    torch.manual_seed(seed)
+def tiny_method(method: str):
     kw = dict(proj_hidden_dim=8, proj_output_dim=5)
     if method == "moco_v2":
         kw["queue_size"] = 16
     if method in ("byol", "simsiam"):
         kw["pred_hidden_dim"] = 8
-    m = build_method(method, tiny_backbone(), FEAT, **kw)
+    return build_method(method, tiny_backbone(), FEAT, **kw)
+
+
+def make(method: str = "simclr", dtype=torch.float32, seed: int = 0, **reg_kw):
+    torch.manual_seed(seed)
+    m = tiny_method(method)
     # the first implementation's weighting and exact jvp form: the reference computations below
     # were written for it (the rescaled defaults and the feature-difference tangent are tested
     # in test_metamask_pinned.py and test_virtual_step_rules.py)

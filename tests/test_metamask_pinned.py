@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from test_metamask import FEAT, tiny_method
 
 from metassl.engine.step import encoder_objective
-from metassl.methods import build_method
 from metassl.regularizers import StepContext, build_regularizer
 
-FEAT = 6
 RECORDED = torch.load(Path(__file__).parent / "data" / "metamask_meta_grads_v1.pt")
 #: the defaults of the first implementation (the official weighting, SGD mask optimizer)
 V1 = dict(weight_base=10.0, weight_drr=1.0, drr_normalize=False, backbone_tangent="jvp")
@@ -22,18 +20,9 @@ V1 = dict(weight_base=10.0, weight_drr=1.0, drr_normalize=False, backbone_tangen
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_backbone() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, FEAT, 3, padding=1), nn.BatchNorm2d(FEAT), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
 def meta_grad(method: str, kw: dict, **extra):
     torch.manual_seed(0)
-    mk = dict(proj_hidden_dim=8, proj_output_dim=5)
-    if method == "moco_v2":
-        mk["queue_size"] = 16
-    if method in ("byol", "simsiam"):
-        mk["pred_hidden_dim"] = 8
-    m = build_method(method, tiny_backbone(), FEAT, **mk)
+    m = tiny_method(method)
     reg = build_regularizer("metamask", m, drr_hidden_dim=8, drr_output_dim=7, **{**V1, **kw, **extra})
     m.double()
     reg.double()

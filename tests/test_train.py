@@ -177,3 +177,12 @@ def test_unlabelled_folder_without_eval_folders_is_one_line(tmp_path, capsys):
     assert main(args + [f"data.test_dir={tmp_path / 'unl'}"]) == 2
     err = capsys.readouterr().err
     assert "data.eval_train_dir=" in err and "data.test_dir=" not in err
+
+
+def test_no_validation_split(tmp_path):
+    """eval.val_fraction=0: no held-out kNN and no best checkpoint, the run still finishes."""
+    out = tmp_path / "noval"
+    assert main(["train", "protocol=smoke", "data.num_train=96", "data.num_test=40", "trainer.max_steps=2",
+                 "eval.val_fraction=0", f"output_dir={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["knn_top1_best_val"] is None and not (out / "checkpoints" / "best.ckpt").exists()

@@ -1,9 +1,10 @@
 """``trainer.precision: auto``: mixed precision where the hardware runs it natively, fp32 elsewhere.
 
 - CPU: ``bf16-mixed`` when the CPU has bf16 dot-product instructions (x86: AVX512-BF16 or
-  AMX; Arm: the BF16 extension), ``32-true`` otherwise (without them oneDNN converts bf16 to
-  fp32 and autocast only adds casts).  On a 2-core AVX512-BF16 CPU, SimCLR + convnet_small at
-  batch 256 trains about 2x faster per step than in fp32.
+  AMX; Arm: the BF16 extension), ``32-true`` otherwise (no native bf16 kernels: fp32 is the
+  safe choice; not measured here).  Measured on 2 cores of an AVX512-BF16 CPU (SimCLR +
+  convnet_small, 32x32, channels_last): a training step at batch 256 takes 0.114 s vs 0.270 s in
+  fp32; the default run (batch 64, data loading included) 149 s vs 192 s, same kNN (0.533, 0.538).
 - CUDA: ``bf16-mixed`` on GPUs with native bf16 (Ampere or newer), ``16-mixed`` (fp16 autocast +
   loss scaling) on older ones; MPS and other accelerators: ``32-true``.
 """

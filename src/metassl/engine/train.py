@@ -129,7 +129,7 @@ def make_loaders(cfg: DictConfig, bundle: DataBundle) -> tuple[DataLoader, list[
 def _is_global_zero_process() -> bool:
     """False in the processes a distributed launcher started for ranks > 0 (they skip work
     that rank 0 does for everyone before ``fit``)."""
-    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _eval_device(cfg: DictConfig) -> torch.device:
@@ -193,7 +193,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = SSLModule(module_cfg, num_classes=bundle.num_classes)
     except (ValueError, KeyError, TypeError) as err:  # a value the builders reject, e.g. metamask grad_mode, a backbone keyword
         raise ConfigError(str(err).strip("'\"").splitlines()[0]) from None
-    module.knn_val_mask = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
+    held_out = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
+    module.knn_val_mask = held_out if bool(held_out.any()) else None  # eval.val_fraction=0: no validation kNN
     out.mkdir(parents=True, exist_ok=True)
     knn_init = initial_knn(cfg, module, bundle, out, resuming=ckpt_path is not None)
     if cfg.trainer.compile:
