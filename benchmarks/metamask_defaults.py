@@ -12,7 +12,7 @@ Usage::
 
     python benchmarks/metamask_defaults.py                      # all six methods, seed 0
     python benchmarks/metamask_defaults.py --methods simclr,byol --seeds 0,1
-    python benchmarks/metamask_defaults.py --extra trainer.max_epochs=5 --out /tmp/quick.json
+    python benchmarks/metamask_defaults.py --extra trainer.max_epochs=5 --out quick.json   # not the defaults
 """
 
 from __future__ import annotations

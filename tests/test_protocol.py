@@ -131,3 +131,23 @@ def test_batch_extras():
     mask = torch.ones(2, 1, 4, 4)
     assert batch_extras(([], torch.zeros(2), mask))["mask"] is mask
     assert set(batch_extras(([], torch.zeros(2), {"clean": mask, "mask": mask}))) == {"clean", "mask"}
+
+
+def test_clean_view_and_masks_reach_the_batch_extras():
+    """``data_requirements=("clean",)``: the SSL items carry the un-augmented image (the eval
+    transform of the same sample) and, with ``return_mask``, the views' foreground masks."""
+    from torch.utils.data import DataLoader
+
+    from metassl.config import load_config
+    from metassl.data import build_data
+    from omegaconf import OmegaConf
+
+    cfg = load_config(["data.num_train=40", "data.num_test=20", "data.return_mask=true"])
+    bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), clean_view=True)
+    batch = next(iter(DataLoader(bundle.train_ssl, batch_size=4, shuffle=False)))
+    extras = batch_extras(batch)
+    assert set(extras) == {"clean", "mask"}
+    assert extras["clean"].shape == batch[0][0].shape and len(extras["mask"]) == 2
+    torch.testing.assert_close(extras["clean"][1], bundle.train_eval[1][0])
+    plain = build_data(OmegaConf.to_container(cfg.data, resolve=True))
+    assert len(plain.train_ssl[0]) == 3 and not isinstance(plain.train_ssl[0][2], dict)

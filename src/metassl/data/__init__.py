@@ -28,7 +28,7 @@ from .config import (
     default_data_config,
     validate_data_config,
 )
-from .datasets import ConcatSource, ImageDataset
+from .datasets import ConcatSource, ImageDataset, WithCleanView
 from .errors import CorruptImageError, DataConfigError, DataError, DatasetNotFoundError
 from .folder import ImageFileSource, load_folder_tensor, scan_labelled, scan_unlabelled, spread_indices
 from .standard import load_cifar, load_stl10
@@ -188,7 +188,7 @@ _BUILDERS = {
 }
 
 
-def build_data(cfg: Mapping[str, Any], augmentation: str = "simclr", num_views: int = 2) -> DataBundle:
+def build_data(cfg: Mapping[str, Any], augmentation: str = "simclr", num_views: int = 2, clean_view: bool = False) -> DataBundle:
     """Validate ``cfg``, load the dataset and attach the SSL and eval transforms.
 
     ``augmentation`` is a family (``simclr``, ``byol``, ``none``) or a method alias
@@ -202,8 +202,11 @@ def build_data(cfg: Mapping[str, Any], augmentation: str = "simclr", num_views: 
     s = _BUILDERS[c["name"]](c)
     ssl_t = build_ssl_transform(augmentation, c["image_size"], mean, std, num_views, c["aug"], s.stored_size)
     eval_t = build_eval_transform(c["image_size"], mean, std, s.stored_size)
+    train_ssl = s.ssl.with_transform(ssl_t)
+    if clean_view:  # items become (views, label, {"clean": un-augmented image[, "mask": masks]})
+        train_ssl = WithCleanView(train_ssl, s.ssl.with_transform(eval_t, return_mask=False))
     return DataBundle(
-        train_ssl=s.ssl.with_transform(ssl_t),
+        train_ssl=train_ssl,
         train_eval=s.eval_train.with_transform(eval_t) if s.eval_train is not None else None,
         test=s.test.with_transform(eval_t) if s.test is not None else None,
         num_classes=len(s.classes),

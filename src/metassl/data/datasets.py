@@ -147,3 +147,31 @@ class ImageDataset(Dataset):
 
 def _plain(x: Any) -> Any:
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x
+
+
+class WithCleanView(Dataset):
+    """An SSL dataset whose items also carry the un-augmented image: ``(views, label, extras)``
+    with ``extras["clean"]`` the same sample under the deterministic eval transform (and
+    ``extras["mask"]`` the views' foreground masks when the dataset returns them).  For
+    regularizers that list ``"clean"`` in their ``data_requirements`` (docs/algorithms.md §5)."""
+
+    def __init__(self, ssl: Dataset, clean: Dataset) -> None:
+        if len(ssl) != len(clean):
+            raise ValueError(f"clean view dataset has {len(clean)} items, the SSL dataset {len(ssl)}")
+        self.ssl, self.clean = ssl, clean
+
+    def __len__(self) -> int:
+        return len(self.ssl)
+
+    def __getattr__(self, name: str):
+        if name in ("ssl", "clean"):  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.ssl, name)
+
+    def __getitem__(self, index: int):
+        item = self.ssl[index]
+        extras = {"clean": self.clean[index][0]}
+        if len(item) > 2:
+            extras["mask"] = item[2]
+        return item[0], item[1], extras
+

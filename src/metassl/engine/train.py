@@ -23,6 +23,7 @@ from metassl.data import DataBundle, augmentation_for, build_data
 from metassl.engine.artifacts import best_val_epoch, merge_metrics, plot_curves, read_metrics, set_aside_metrics, write_summary
 from metassl.engine.evaluation import evaluate_backbone, knn_key
 from metassl.engine.module import SSLModule
+from metassl.regularizers.base import get_regularizer_class
 from metassl.engine.precision import resolve_precision
 
 
@@ -187,7 +188,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = _resolve_resume(cfg, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=augmentation_for(cfg.method.name), num_views=2)
+    needs = get_regularizer_class(cfg.regularizer.name).data_requirements  # e.g. ("clean",): the un-augmented image
+    bundle = build_data(OmegaConf.to_container(cfg.data, resolve=True), augmentation=augmentation_for(cfg.method.name),
+                        num_views=2, clean_view="clean" in needs)
     module_cfg = build_module_config(cfg, bundle)
     try:
         module = SSLModule(module_cfg, num_classes=bundle.num_classes)

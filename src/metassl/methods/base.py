@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from metassl.models.feature_maps import require_feature_maps
-from metassl.signatures import keyword_parameters  # noqa: F401  (re-export; importers move to metassl.signatures)
+from metassl.signatures import keyword_parameters
 
 FeatureTransform = Callable[[torch.Tensor], torch.Tensor]
 
