@@ -165,7 +165,7 @@ def agreement(args, device: torch.device, views: list[torch.Tensor], autocast, n
                           lr=opt.param_groups[0]["lr"], progress=0.0, global_step=0)
         # the reference: exact second order by forward mode, in fp32
         defaults = dict(grad_mode="second_order", backbone_tangent="jvp", fd_scheme="central", meta_precision="fp32",
-                        virtual_params="all", second_order_params="all")
+                        virtual_params="all", second_order_params="all", tangent_radius=reg.tangent_radius)
 
         def meta_grad(options: dict) -> torch.Tensor:
             for k, val in {**defaults, **options}.items():
@@ -175,6 +175,13 @@ def agreement(args, device: torch.device, views: list[torch.Tensor], autocast, n
         ref = meta_grad({})
         first = meta_grad({"grad_mode": "first_order"})
         res = {"exact_second_order_term_rel": float((ref - first).norm() / ref.norm())}
+        if args.radius_sweep:  # the feature-difference tangent's agreement against its radius
+            sweep = {}
+            for r in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
+                g = meta_grad({"backbone_tangent": "difference", "tangent_radius": r})
+                sweep[f"{r:g}"] = {"cosine": float(torch.nn.functional.cosine_similarity(g, ref, dim=0)), "rel_error": float((g - ref).norm() / ref.norm())}
+                print(f"tangent_radius {r:g}: {sweep[f'{r:g}']}", flush=True)
+            res["tangent_radius_sweep"] = sweep
         for v in names:
             if v in AGREEMENT:
                 g = meta_grad(VARIANTS[v])
@@ -194,6 +201,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", default=None, help="comma-separated (default: all; mm_second_order_amp only with --precision bf16)")
+    ap.add_argument("--radius-sweep", action="store_true", help="also record the agreement of backbone_tangent=difference against tangent_radius")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = ap.parse_args()
     if args.threads:
@@ -308,7 +316,7 @@ def main() -> None:
     if agree:
         table += ("\n\nMeta-gradient vs exact fp32 second order (same state; the exact second-order term is "
                   f"{agree['exact_second_order_term_rel']:.3f} of its norm): "
-                  + "; ".join(f"{k}: cos {d['cosine']:.4f}, rel. err {d['rel_error']:.3g}" for k, d in agree.items() if isinstance(d, dict)))
+                  + "; ".join(f"{k}: cos {d['cosine']:.4f}, rel. err {d['rel_error']:.3g}" for k, d in agree.items() if isinstance(d, dict) and "cosine" in d))
     info = dict(
         **run_metadata(),
         cpu=cpu_model(),

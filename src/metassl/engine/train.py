@@ -23,8 +23,8 @@ from metassl.data import DataBundle, augmentation_for, build_data
 from metassl.engine.artifacts import best_val_epoch, merge_metrics, plot_curves, read_metrics, set_aside_metrics, write_summary
 from metassl.engine.evaluation import evaluate_backbone, knn_key
 from metassl.engine.module import SSLModule
-from metassl.regularizers.base import get_regularizer_class
 from metassl.engine.precision import resolve_precision
+from metassl.regularizers.base import get_regularizer_class
 
 
 class IndexedDataset(Dataset):
