@@ -59,7 +59,8 @@ def table(results: dict, methods: list[str], seeds: list[int]) -> str:
         for s in seeds:
             b, r = results.get(f"{m}-none-s{s}", {}), results.get(f"{m}-metamask-s{s}", {})
             if "knn_top1" not in b or "knn_top1" not in r:
-                lines.append(f"| {m} | {s} | {b.get('knn_top1', b.get('error', '—'))} | {r.get('knn_top1', r.get('error', '—'))} | | | | | | |")
+                cell = lambda d: f"{d['knn_top1']:.3f}" if "knn_top1" in d else d.get("error", "not run yet")  # noqa: E731
+                lines.append(f"| {m} | {s} | {cell(b)} | {cell(r)} | | | | | | |")
                 continue
             mk = r.get("mask", {})
             spread = f"{mk['mask_mean']:.3f} ± {mk['mask_std']:.3f} [{mk['mask_min']:.3f}, {mk['mask_max']:.3f}]" if mk else "—"
@@ -78,13 +79,23 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="further key=value overrides for every run")
     ap.add_argument("--runs", default="runs/bench-metamask-defaults", help="run folders (resumable)")
     ap.add_argument("--out", default=str(HERE / "metamask_defaults.json"))
+    ap.add_argument("--merge", nargs="*", default=[], help="JSON files of parallel invocations to merge into --out first")
+    ap.add_argument("--no-run", action="store_true", help="only merge and print the table")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
     results = doc.get("results", {})
-    meta = run_metadata(sys.argv)
+    for other in args.merge:
+        results.update({k: v for k, v in json.loads(Path(other).read_text()).get("results", {}).items() if "knn_top1" in v})
+    meta = run_metadata()
+    if args.merge or args.no_run:
+        doc = {**meta, "overrides": args.extra, "results": results, "table": table(results, methods, seeds)}
+        out.write_text(json.dumps(doc, indent=1))
+    if args.no_run:
+        print(doc["table"])
+        return
     for s in seeds:
         for m in methods:
             for reg in ("none", "metamask"):
