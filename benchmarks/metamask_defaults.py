@@ -18,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -59,7 +60,12 @@ def table(results: dict, methods: list[str], seeds: list[int]) -> str:
         for s in seeds:
             b, r = results.get(f"{m}-none-s{s}", {}), results.get(f"{m}-metamask-s{s}", {})
             if "knn_top1" not in b or "knn_top1" not in r:
-                cell = lambda d: f"{d['knn_top1']:.3f}" if "knn_top1" in d else d.get("error", "not run yet")  # noqa: E731
+                def cell(d):
+                    if "knn_top1" in d:
+                        return f"{d['knn_top1']:.3f}"
+                    part = d.get("partial_knn_by_epoch")
+                    return f"interrupted after {len(part)} epochs: {part[-1]:.3f}" if part else d.get("error", "not run yet")
+
                 lines.append(f"| {m} | {s} | {cell(b)} | {cell(r)} | | | | | | |")
                 continue
             mk = r.get("mask", {})
@@ -90,6 +96,17 @@ def main() -> None:
     for other in args.merge:
         results.update({k: v for k, v in json.loads(Path(other).read_text()).get("results", {}).items() if "knn_top1" in v})
     meta = run_metadata()
+    for s in seeds:  # interrupted runs: their per-epoch kNN so far (resumed, not rerun, next time)
+        for m in methods:
+            for reg in ("none", "metamask"):
+                key, csv_file = f"{m}-{reg}-s{s}", Path(args.runs) / f"{m}-{reg}-s{s}" / "metrics.csv"
+                if not csv_file.exists():
+                    continue
+                curve = [float(r["test/knn_top1"]) for r in csv.DictReader(csv_file.open()) if r.get("test/knn_top1")]
+                if "knn_top1" in results.get(key, {}):
+                    results[key].setdefault("knn_by_epoch", curve)
+                else:
+                    results[key] = {"partial_knn_by_epoch": curve}
     if args.merge or args.no_run:
         doc = {**meta, "overrides": args.extra, "results": results, "table": table(results, methods, seeds)}
         out.write_text(json.dumps(doc, indent=1))
