@@ -13,6 +13,7 @@ from metassl.meta.engine import (
     meta_gradient,
     meta_pass_context,
 )
+from metassl.meta.passes import replay_features
 from metassl.meta.virtual_step import GradClip, ParamRule, SGDHyper, VirtualStep, apply_virtual_step, plan_virtual_step, step_vjp
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "meta_gradient",
     "meta_pass_context",
     "plan_virtual_step",
+    "replay_features",
     "step_vjp",
 ]

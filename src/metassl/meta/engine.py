@@ -69,17 +69,16 @@ parameters still take the virtual step.  Exact when it is all of them (default).
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from metassl.losses.distributed import is_distributed
+from metassl.meta.second_order import LossFn, global_norm, grad_or_zero, inner_meta_grad, leaf, mixed_term
+from metassl.meta.passes import all_reduce_mean_, frozen_bn_stats, full_precision_context, meta_pass_context
 from metassl.meta.virtual_step import VirtualStep, apply_virtual_step, plan_virtual_step, step_vjp
 
 __all__ = [
@@ -97,11 +96,6 @@ __all__ = [
 
 GRAD_MODES = ("first_order", "second_order", "finite_difference")
 
-#: ``loss(params, meta) -> scalar``: ``params`` maps (virtual) parameter names to tensors,
-#: ``meta`` maps meta-parameter names to tensors.  Must be a pure function of both.
-LossFn = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
-
-
 @dataclass
 class MetaGradient:
     """Result of :func:`meta_gradient`."""
@@ -118,60 +112,6 @@ class MetaGradient:
     skipped: bool = False
 
 
-# -- contexts --------------------------------------------------------------------------------
-@contextlib.contextmanager
-def frozen_bn_stats(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Batch norms in training mode use batch statistics but do not update their running
-    statistics (nor ``num_batches_tracked``) inside the block."""
-    changed: list[_BatchNorm] = []
-    seen: set[int] = set()
-    try:
-        for root in modules:
-            for m in root.modules():
-                if isinstance(m, _BatchNorm) and id(m) not in seen and m.training and m.track_running_stats:
-                    seen.add(id(m))
-                    m.track_running_stats = False
-                    changed.append(m)
-        yield
-    finally:
-        for m in changed:
-            m.track_running_stats = True
-
-
-@contextlib.contextmanager
-def full_precision_context(device: torch.device) -> Iterator[None]:
-    """Autocast disabled for ``device`` (and for CPU, where autocast may also be active)."""
-    with contextlib.ExitStack() as stack:
-        for dev in {device.type, "cpu"}:
-            if dev in ("cpu", "cuda", "xpu", "mps", "hpu"):
-                stack.enter_context(torch.autocast(device_type=dev, enabled=False))
-        yield
-
-
-@contextlib.contextmanager
-def meta_pass_context(device: torch.device, modules: Iterable[nn.Module], full_precision: bool = True) -> Iterator[None]:
-    """The conditions of every meta pass (module docstring): full precision unless asked
-    otherwise, batch-norm statistics frozen, compiled modules eager, gradients enabled."""
-    precision = full_precision_context(device) if full_precision else contextlib.nullcontext()
-    with precision, frozen_bn_stats(modules), torch.compiler.set_stance("force_eager"), torch.enable_grad():
-        yield
-
-
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """In place: average ``tensors`` over ranks with one flat all-reduce (no-op when not
-    distributed or world size 1)."""
-    if not tensors or not is_distributed():
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
-
-
 # -- helpers ---------------------------------------------------------------------------------
 def _all_finite(grads: Iterable[torch.Tensor | None], distributed: bool) -> bool:
     """All inner gradients finite, on every rank (so all ranks take the same branch); one
@@ -185,92 +125,8 @@ def _all_finite(grads: Iterable[torch.Tensor | None], distributed: bool) -> bool
     return bool(ok > 0)
 
 
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().requires_grad_(True)
-
-
-def _grad_or_zero(grads: tuple[torch.Tensor | None, ...], like: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
-
-
 def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(sum((a[k].double() * b[k].double()).sum() for k in a))
-
-
-def _norm(d: Mapping[str, torch.Tensor]) -> float:
-    """Global 2-norm of a tensor dict (per-tensor norms first: no float64 copy of the weights)."""
-    if not d:
-        return 0.0
-    norms = [torch.linalg.vector_norm(t.detach()) for t in d.values()]
-    dtype = torch.promote_types(torch.float32, max((n.dtype for n in norms), key=lambda dt: torch.finfo(dt).bits))
-    return float(torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms])))
-
-
-def _grad_phi_fn(inner_loss: LossFn, meta: dict[str, torch.Tensor]):
-    """``θ ↦ ∇φ L_inner(θ, φ)`` as a ``torch.func`` function (for jvp)."""
-
-    def fn(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return torch.func.grad(lambda phi: inner_loss(params, phi))(meta)
-
-    return fn
-
-
-def inner_meta_grad(inner_loss: LossFn, theta: Mapping[str, torch.Tensor], meta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``∇φ L_inner(θ, φ)`` (θ constant: no graph through it)."""
-    phi = {k: _leaf(v) for k, v in meta.items()}
-    g = torch.autograd.grad(inner_loss(theta, phi), list(phi.values()), allow_unused=True)
-    return dict(zip(phi, _grad_or_zero(g, list(phi.values()))))
-
-
-def _second_order_term(
-    inner_loss: LossFn,
-    theta: dict[str, torch.Tensor],
-    meta: dict[str, torch.Tensor],
-    u: dict[str, torch.Tensor],
-    mode: str,
-    radius: float,
-    fd_scheme: str = "central",
-    at_theta: Mapping[str, torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """``D_u ∇φ L_inner(θ, φ)``: exact (jvp) or a central / forward finite difference
-    (``at_theta``: ``∇φ L_inner(θ, φ)`` if already known, for the forward scheme)."""
-    u_norm = _norm(u)
-    if u_norm == 0.0:
-        return {k: torch.zeros_like(v) for k, v in meta.items()}, {"u_norm": 0.0}
-    if mode == "forward":
-        # no_grad: torch.func.grad still differentiates (it is a transform), but nothing is
-        # recorded for ordinary autograd (e.g. for captured parameters that require grad)
-        # always in full precision: forward-mode AD under CPU autocast fails on bf16
-        # convolutions (torch 2.14: input/weight dtype mismatch), so only the outer pass
-        # follows ``full_precision=False``
-        device = next(iter(theta.values())).device
-        with torch.no_grad(), warnings.catch_warnings(), full_precision_context(device):
-            # torch registers its jvp decompositions with torch.jit.script on first use and
-            # warns that torch.jit.script is deprecated: torch's own business, not the user's
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-            try:
-                _, tangent = torch.func.jvp(_grad_phi_fn(inner_loss, meta), (theta,), (u,))
-            except RuntimeError as err:
-                if "autograd.Function" not in str(err):
-                    raise
-                raise RuntimeError(
-                    "exact second-order meta-gradients run the inner loss under torch.func (jvp of grad); a custom "
-                    "autograd.Function in it lacks torch.func support (setup_context + jvp) — under torch.distributed "
-                    "this is the loss collectives of metassl.losses.distributed. Use grad_mode=finite_difference or "
-                    f"first_order there. ({str(err).splitlines()[0]})"
-                ) from err
-        return {k: t.detach() for k, t in tangent.items()}, {"u_norm": u_norm}
-    # finite difference (DARTS / official MetaMask: central)
-    eps = radius / u_norm
-    plus = inner_meta_grad(inner_loss, {k: theta[k] + eps * u[k] for k in theta}, meta)
-    if fd_scheme == "central":
-        minus = inner_meta_grad(inner_loss, {k: theta[k] - eps * u[k] for k in theta}, meta)
-        return {k: (plus[k] - minus[k]) / (2 * eps) for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
-    here = inner_meta_grad(inner_loss, theta, meta) if at_theta is None else {k: at_theta[k].detach() for k in meta}
-    return {k: (plus[k] - here[k].to(plus[k].dtype)) / eps for k in meta}, {"u_norm": u_norm, "fd_eps": eps}
-
-
-global_norm = _norm
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -385,7 +241,7 @@ def meta_gradient(
 
         # 1. inner gradient at θ (given or fresh, first-order)
         if inner_grads is None:
-            leaves = {k: _leaf(v) for k, v in theta.items()}
+            leaves = {k: leaf(v) for k, v in theta.items()}
             meta_const = {k: v.detach() for k, v in meta_params.items()}
             loss_in = inner_loss(leaves, meta_const)
             g = torch.autograd.grad(loss_in, list(leaves.values()), allow_unused=True)
@@ -403,13 +259,13 @@ def meta_gradient(
         with torch.no_grad():
             theta_new, coefs = apply_virtual_step(theta, grads, plan, step.clip)
         need_v = [] if mode == "first_order" else implicit
-        theta_out = {k: (_leaf(v) if k in need_v else v) for k, v in theta_new.items()}
-        phi = {k: _leaf(v) for k, v in meta_params.items()}
+        theta_out = {k: (leaf(v) if k in need_v else v) for k, v in theta_new.items()}
+        phi = {k: leaf(v) for k, v in meta_params.items()}
         loss_out = outer_loss(theta_out, phi)
         wrt = list(phi.values()) + [theta_out[k] for k in need_v]
-        all_g = _grad_or_zero(torch.autograd.grad(loss_out, wrt, allow_unused=True), wrt)
+        all_g = grad_or_zero(torch.autograd.grad(loss_out, wrt, allow_unused=True), wrt)
         first = dict(zip(meta_names, all_g[: len(phi)]))
-        stats = {"outer_loss": float(loss_out.detach()), "first_order_norm": _norm(first)}
+        stats = {"outer_loss": float(loss_out.detach()), "first_order_norm": global_norm(first)}
         if mode == "first_order":
             result = {k: v.clone() for k, v in first.items()}
         else:
@@ -424,9 +280,9 @@ def meta_gradient(
             if mode == "second_order" and second_order_term is not None:
                 meta_const = {k: t.detach() for k, t in meta_params.items()}
                 term = second_order_term({k: theta[k] for k in need_v}, meta_const, u)
-                term, extra = {k: term[k].detach() for k in meta_names}, {"u_norm": _norm(u)}
+                term, extra = {k: term[k].detach() for k in meta_names}, {"u_norm": global_norm(u)}
             else:
-                term, extra = _second_order_term(
+                term, extra = mixed_term(
                     inner_loss,
                     {k: theta[k] for k in need_v},
                     {k: t.detach() for k, t in meta_params.items()},
@@ -437,7 +293,7 @@ def meta_gradient(
                     inner_meta_grads,
                 )
             stats.update(extra)
-            stats["second_order_norm"] = _norm(term)
+            stats["second_order_norm"] = global_norm(term)
             stats["second_first_cos"] = _dot(term, first) / max(stats["second_order_norm"] * stats["first_order_norm"], 1e-30)
             result = {k: first[k] + term[k] for k in meta_names}
         if distributed:
@@ -448,8 +304,8 @@ def meta_gradient(
 def _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distributed, skip_nonfinite, clip=None) -> MetaGradient:
     """Exact second order by differentiating through the virtual step (create_graph); only
     the ``implicit`` parameters' step keeps its graph."""
-    leaves = {k: _leaf(v) for k, v in theta.items()}
-    phi = {k: _leaf(v) for k, v in meta_params.items()}
+    leaves = {k: leaf(v) for k, v in theta.items()}
+    phi = {k: leaf(v) for k, v in meta_params.items()}
     loss_in = inner_loss(leaves, phi)
     g = torch.autograd.grad(loss_in, list(leaves.values()), create_graph=True, allow_unused=True)
     keep = set(implicit)
@@ -459,7 +315,7 @@ def _reverse(theta, implicit, meta_params, outer_loss, inner_loss, plan, distrib
     theta_new, _ = apply_virtual_step(leaves, grads, plan, clip)
     loss_out = outer_loss(theta_new, phi)
     total = torch.autograd.grad(loss_out, list(phi.values()), allow_unused=True)
-    result = {k: t.detach() for k, t in zip(phi, _grad_or_zero(total, list(phi.values())))}
+    result = {k: t.detach() for k, t in zip(phi, grad_or_zero(total, list(phi.values())))}
     if distributed:
         all_reduce_mean_(list(result.values()))
     return MetaGradient(grads=result, outer_loss=loss_out.detach(), stats={"outer_loss": float(loss_out.detach())})

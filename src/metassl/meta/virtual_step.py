@@ -35,7 +35,7 @@ import torch
 
 from metassl.optimizers import LARS
 
-__all__ = ["VirtualStep", "GradClip", "ParamRule", "SGDHyper", "plan_virtual_step", "apply_virtual_step", "step_vjp", "is_affine"]
+__all__ = ["VirtualStep", "GradClip", "ParamRule", "SGDHyper", "plan_virtual_step", "apply_virtual_step", "step_vjp"]
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon
 
@@ -163,7 +163,7 @@ def _kind(optimizer: torch.optim.Optimizer) -> str:
     )
 
 
-def _rule(kind: str, group: dict, state: dict, name: str) -> ParamRule:
+def _rule(kind: str, group: dict, state: dict, name: str, adamw: bool = False) -> ParamRule:
     if kind == "adam":
         if group.get("amsgrad", False):
             raise NotImplementedError(f"virtual step 'mirror' does not replay amsgrad (parameter {name!r}); use virtual_step=sgd")
@@ -173,7 +173,7 @@ def _rule(kind: str, group: dict, state: dict, name: str) -> ParamRule:
             maximize=bool(group.get("maximize", False)), betas=tuple(float(b) for b in group["betas"]),
             eps=float(group["eps"]), step=int(step.item() if torch.is_tensor(step) else step),
             exp_avg=state.get("exp_avg"), exp_avg_sq=state.get("exp_avg_sq"),
-            decoupled=bool(group.get("decoupled_weight_decay", False)) or group.get("_metassl_adamw", False),
+            decoupled=adamw or bool(group.get("decoupled_weight_decay", False)),
         )
     momentum = float(group.get("momentum", 0.0))
     return ParamRule(
@@ -204,29 +204,14 @@ def plan_virtual_step(
         group = group_of.get(id(p))
         if group is None:
             raise ValueError(f"parameter {name!r} is not in the encoder optimizer; it cannot be mirrored")
-        rule = _rule(kind, {**group, "_metassl_adamw": adamw}, optimizer.state.get(p, {}), name)
-        plan[name] = rule
+        plan[name] = _rule(kind, group, optimizer.state.get(p, {}), name, adamw)
     return plan
 
 
-def _clipped(grads: Mapping[str, torch.Tensor | None], clip: GradClip | None) -> dict[str, torch.Tensor | None]:
-    if clip is None:
-        return dict(grads)
+def _clip_factor(grads: Mapping[str, torch.Tensor | None], clip: GradClip | None) -> torch.Tensor | None:
+    """The clip's factor over the present gradients (None without a clip or gradients)."""
     present = [g for g in grads.values() if g is not None]
-    if not present:
-        return dict(grads)
-    c = clip.factor(present)
-    return {k: (None if g is None else g * c.to(g.dtype)) for k, g in grads.items()}
-
-
-def is_affine(plan: Mapping[str, ParamRule], clip: GradClip | None, grads: Mapping[str, torch.Tensor | None]) -> bool:
-    """True if ``θ'`` is affine in ``g`` with scalar slopes (plain SGD, clip inactive)."""
-    if any(r.kind != "sgd" for r in plan.values()):
-        return False
-    if clip is None:
-        return True
-    present = [g.detach() for g in grads.values() if g is not None]
-    return not present or bool(clip.factor(present) >= 1.0)
+    return clip.factor(present) if clip is not None and present else None
 
 
 def apply_virtual_step(
@@ -235,18 +220,20 @@ def apply_virtual_step(
     plan: Mapping[str, ParamRule],
     clip: GradClip | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None]:
-    """``θ'`` and, when the step is affine in ``g`` (:func:`is_affine`), ``coef = ∂θ'/∂g``
-    per parameter (else ``None``: use :func:`step_vjp`).
+    """``θ'`` and, when the step is affine in ``g`` with scalar slopes (plain SGD, clip
+    inactive), ``coef = ∂θ'/∂g`` per parameter (else ``None``: use :func:`step_vjp`).
 
     Differentiable in ``grads`` (and ``values``) when they carry a graph.  A parameter whose
     gradient is ``None`` is left unchanged (the optimizers skip it) and gets ``coef = 0``.
     """
-    affine = is_affine(plan, clip, grads)
-    clipped = _clipped(grads, clip)
+    c = _clip_factor(grads, clip)  # one global norm per step
+    affine = all(r.kind == "sgd" for r in plan.values()) and (c is None or bool(c.detach() >= 1.0))
     new: dict[str, torch.Tensor] = {}
     coefs: dict[str, float] = {}
     for name, theta in values.items():
-        g = clipped.get(name)
+        g = grads.get(name)
+        if g is not None and c is not None:
+            g = g * c.to(g.dtype)
         if g is None:
             new[name], coefs[name] = theta, 0.0
             continue

@@ -74,15 +74,15 @@ import contextlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from metassl.losses import barlow_twins_loss
-from metassl.meta import MetaGradient, full_precision_context, inner_meta_grad, meta_pass_context
-from metassl.meta.engine import global_norm
+from metassl.meta import MetaGradient, full_precision_context, inner_meta_grad, meta_pass_context, replay_features
+from metassl.meta.second_order import global_norm
 from metassl.meta.bilevel import BilevelRegularizer, blocked
 from metassl.methods.base import Method
 from metassl.models.heads import ProjectionHead
@@ -100,34 +100,6 @@ class AppliedMask(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h * self.mask.to(device=h.device, dtype=h.dtype)
-
-
-@contextlib.contextmanager
-def _replay_backbone(backbone: nn.Module, views: list[torch.Tensor], features: list[torch.Tensor]) -> Iterator[dict[str, int]]:
-    """Inside the block, ``backbone(view)`` returns the given features of that view (looked
-    up by tensor identity) instead of running; any other call runs the backbone."""
-    table = {id(v): h for v, h in zip(views, features)}
-    counts = {"replayed": 0, "computed": 0}
-    had_own = "forward" in backbone.__dict__
-    own = backbone.__dict__.get("forward")
-    original = backbone.forward
-
-    def forward(x, *args, **kwargs):
-        h = table.get(id(x))
-        if h is None or args or kwargs:
-            counts["computed"] += 1
-            return original(x, *args, **kwargs)
-        counts["replayed"] += 1
-        return h
-
-    backbone.forward = forward
-    try:
-        yield counts
-    finally:
-        if had_own:
-            backbone.forward = own
-        else:
-            del backbone.forward
 
 
 def _is_backbone(name: str) -> bool:
@@ -260,7 +232,7 @@ class MetaMask(BilevelRegularizer):
             mask = self.mask_from(meta["logits"])
             transform = lambda h: h * mask.to(h.dtype)  # noqa: E731
             h = features if features is not None else (replay_h if not any(map(_is_backbone, params)) else None)
-            with _replay_backbone(method.backbone, views, h) if h is not None else contextlib.nullcontext() as counts:
+            with replay_features(method.backbone, views, h) if h is not None else contextlib.nullcontext() as counts:
                 out = functional_call(method, {**fixed, **own_free}, (views,), {"feature_transform": transform})
             for k, n in (counts or {}).items():
                 self.last_replay[k] = self.last_replay.get(k, 0) + n
