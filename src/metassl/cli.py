@@ -7,6 +7,8 @@ Examples::
     metassl train regularizer=metamask protocol=smoke
     metassl eval knn --ckpt runs/x/checkpoints/last.ckpt eval.knn.k=20
     metassl eval linear --ckpt runs/x/checkpoints/last.ckpt
+    metassl eval background --ckpt runs/x/checkpoints/last.ckpt eval.background.linear=false
+    metassl eval segment --ckpt runs/x/checkpoints/last.ckpt eval.segment.head=conv
     metassl export --ckpt runs/x/checkpoints/last.ckpt --out backbone.pt
     metassl bench speed --quick
 """
@@ -89,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", help="extra YAML file merged on top (repeatable)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint offline (kNN or linear probe)")
-    p.add_argument("protocol", choices=["knn", "linear"])
+    p = sub.add_parser("eval", help="evaluate a checkpoint offline (kNN, linear probe, background, dense segmentation)")
+    p.add_argument("protocol", choices=["knn", "linear", "background", "segment"])
     p.add_argument("--ckpt", required=True, help="a metassl checkpoint (.ckpt)")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("overrides", nargs="*", help="eval.* or data.* overrides, e.g. eval.knn.k=20 data.root=PATH")

@@ -28,8 +28,10 @@ CHOICES: dict[str, tuple] = {
     "trainer.precision": ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "eval.features": ("transformed", "raw"),
+    "eval.segment.head": ("linear", "conv"),
 }
-POSITIVE = ("batch_size", "optimizer.lr", "trainer.max_epochs", "eval.batch_size", "eval.knn.k", "eval.knn.t")
+POSITIVE = ("batch_size", "optimizer.lr", "trainer.max_epochs", "eval.batch_size", "eval.knn.k", "eval.knn.t",
+            "eval.segment.epochs", "eval.segment.lr", "eval.segment.batch_size", "eval.segment.hidden_dim")
 
 
 def _configs_dir() -> Path:
@@ -74,6 +76,10 @@ def _flat_keys(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _unknown_key_message(key: str, known: Iterable[str] | None = None) -> str:
+    from metassl.data.config import MASK_KEYS
+
+    if key.startswith("data.") and key[5:] in MASK_KEYS:
+        return f"{key} needs per-pixel foreground masks, which only data=builtin has; remove it or train on data=builtin"
     known = list(known) if known is not None else list(_flat_keys(_reference()))
     hint = difflib.get_close_matches(key, known, n=1)
     suffix = f"; did you mean {hint[0]!r}?" if hint else "; see `metassl config` for all keys"

@@ -92,13 +92,15 @@ def _first(ds: ImageDataset | None, n: int | None) -> ImageDataset | None:
 def _build_builtin(c: dict[str, Any]) -> _Splits:
     common = dict(
         image_size=c["image_size"], num_classes=c["num_classes"], seed=c["seed"], root=c["root"],
-        return_mask=c["return_mask"], background_contrast=c["background_contrast"],
+        return_mask=c["return_mask"], background_contrast=c["background_contrast"], foreground_fill=c["foreground_fill"],
     )
     train = BuiltinShapes(
-        "train", c["num_train"], background_class_correlation=c["background_class_correlation"], **common
+        "train", c["num_train"], background_class_correlation=c["background_class_correlation"],
+        foreground_only=c["foreground_only"], **common
     )
     test = BuiltinShapes(
-        "test", c["num_test"], background_class_correlation=c["test_background_class_correlation"], **common
+        "test", c["num_test"], background_class_correlation=c["test_background_class_correlation"],
+        foreground_only=c["test_foreground_only"], **common
     )
     train = _first(train, c["subset"])
     return _Splits(train, train, _first(test, c["test_subset"]), list(train.classes), c["image_size"])

@@ -8,13 +8,15 @@ deterministic function of ``seed`` and the split; the first ``n`` images of a sp
 depend on how many images are generated.  The per-pixel foreground masks and the
 background family of each image are kept for analysis of background confounding:
 ``background_class_correlation`` is the probability that an image's background family is
-tied to its class (family = class) instead of drawn uniformly.
+tied to its class (family = class) instead of drawn uniformly.  ``foreground_only`` replaces
+every background pixel by a neutral fill before any augmentation (docs/algorithms.md §5.6).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as tF
 
-from .datasets import ImageDataset
+from .datasets import ImageDataset, fill_background
 from .utils import atomic_torch_save, cache_key, try_load_cache
 
 SHAPES = ("disc", "square", "triangle", "cross", "star", "ring", "bar", "diamond", "hexagon", "crescent")
@@ -38,6 +40,8 @@ _CHUNK = 512  # images rendered per vectorised chunk; fixed so results never dep
 _SUPERSAMPLE = 2  # anti-aliasing factor
 _NOISE_GRID = 5  # coarse grid of the smooth-noise background
 _NUM_PARAMS = 32 + _NOISE_GRID * _NOISE_GRID  # uniform numbers drawn per image
+#: train images (at background-class correlation 0) whose mean colour is the ``"mean"`` fill
+FILL_REFERENCE_IMAGES = 1000
 
 
 @dataclass
@@ -334,12 +338,35 @@ def load_builtin(
     return arrays
 
 
+# ----------------------------------------------------------------------------- foreground only (§5.6)
+
+
+def resolve_fill(fill: str | Sequence[int], *, image_size: int = 32, num_classes: int = 10, seed: int = 0,
+                 background_contrast: float = 1.0, root: str | os.PathLike | None = None) -> torch.Tensor:
+    """The neutral fill as (3,) uint8: ``"mean"`` = the mean colour of the first
+    :data:`FILL_REFERENCE_IMAGES` train images of this generator (its seed, size, classes and
+    contrast) at background-class correlation 0, so every split and every correlation gets the
+    same colour; or an explicit ``[r, g, b]`` in 0..255."""
+    if isinstance(fill, str):
+        if fill != "mean":
+            raise ValueError(f"foreground_fill must be 'mean' or [r, g, b] in 0..255, got {fill!r}")
+        ref = load_builtin(FILL_REFERENCE_IMAGES, "train", image_size, num_classes, seed, 0.0, root, background_contrast)
+        return ref.images.double().mean(dim=(0, 2, 3)).round().to(torch.uint8)
+    values = list(fill) if isinstance(fill, Sequence) else []
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+        raise ValueError(f"foreground_fill must be 'mean' or [r, g, b] in 0..255, got {fill!r}")
+    return torch.tensor(values, dtype=torch.uint8)
+
+
 class BuiltinShapes(ImageDataset):
     """The built-in shapes dataset as an :class:`ImageDataset`.
 
     Attributes: ``images`` (N,3,H,W) uint8, ``labels`` (N,), ``masks`` (N,H,W) uint8 with 1 on
     the object, ``backgrounds`` (N,) background family index into :data:`BACKGROUNDS`.
     ``return_mask=True`` makes items ``(image_or_views, label, mask_or_masks)``.
+    ``foreground_only=True`` stores the images with their background replaced by the neutral
+    ``foreground_fill`` (:func:`resolve_fill`), so every augmentation sees the fill; ``fill`` then
+    holds the (3,) uint8 colour (None otherwise).
     """
 
     _per_sample_attrs = ("backgrounds",)
@@ -358,13 +385,21 @@ class BuiltinShapes(ImageDataset):
         transform: Callable[[Any], Any] | None = None,
         return_mask: bool = False,
         background_contrast: float = 1.0,
+        foreground_only: bool = False,
+        foreground_fill: str | Sequence[int] = "mean",
     ):
         if num_images is None:
             num_images = 5000 if split == "train" else 1000
         arrays = load_builtin(
             num_images, split, image_size, num_classes, seed, background_class_correlation, root, background_contrast
         )
-        super().__init__(arrays.images, arrays.labels, transform, arrays.masks, return_mask)
+        images, self.fill = arrays.images, None
+        if foreground_only:
+            self.fill = resolve_fill(foreground_fill, image_size=image_size, num_classes=num_classes, seed=seed,
+                                     background_contrast=background_contrast, root=root)
+            images = fill_background(images, arrays.masks, self.fill)
+        super().__init__(images, arrays.labels, transform, arrays.masks, return_mask)
+        self.foreground_only = bool(foreground_only)
         self.backgrounds = arrays.backgrounds
         self.split = split
         self.num_classes = num_classes

@@ -57,6 +57,9 @@ _SPECIFIC: dict[str, dict[str, Any]] = {
         "test_background_class_correlation": 0.0,
         "background_contrast": 0.3,
         "return_mask": False,
+        "foreground_only": False,
+        "test_foreground_only": False,
+        "foreground_fill": "mean",
     },
     "cifar10": {"download": False},
     "cifar100": {"download": False},
@@ -72,6 +75,10 @@ _SPECIFIC: dict[str, dict[str, Any]] = {
         "decode_workers": None,
     },
 }
+
+
+#: keys that need per-pixel foreground masks (only the built-in data has them)
+MASK_KEYS = ("foreground_only", "test_foreground_only", "foreground_fill")
 
 
 def default_data_config(name: str) -> dict[str, Any]:
@@ -136,6 +143,12 @@ def validate_data_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise DataConfigError(f"data config needs a 'name'; valid names: {', '.join(DATASET_NAMES)}")
     out = default_data_config(str(name))
     bad = set(user) - set(out)
+    needs_masks = sorted(bad & set(MASK_KEYS))
+    if needs_masks:
+        raise DataConfigError(
+            f"data.{needs_masks[0]} needs per-pixel foreground masks, which only data=builtin has ({name} has none); "
+            f"remove it or train on data=builtin"
+        )
     if bad:
         raise _unknown(f"data config ({name})", bad, set(out))
     aug_user = user.pop("aug", None) or {}
@@ -171,7 +184,7 @@ def _check_values(c: dict[str, Any]) -> None:
             v = c[key]
             _check(v is None or isinstance(v, (str, os.PathLike)), f"data.{key} must be null or a path, got {v!r}")
             c[key] = None if v is None else os.fspath(v)
-    for key in ("download", "in_memory", "use_unlabeled", "labelled", "return_mask"):
+    for key in ("download", "in_memory", "use_unlabeled", "labelled", "return_mask", "foreground_only", "test_foreground_only"):
         if key in c:
             _check(isinstance(c[key], bool), f"data.{key} must be true or false, got {c[key]!r}")
     if name == "builtin":
@@ -185,6 +198,11 @@ def _check_values(c: dict[str, Any]) -> None:
         for key in ("background_class_correlation", "test_background_class_correlation", "background_contrast"):
             v = c[key]
             _check(_is_num(v) and 0.0 <= v <= 1.0, f"data.{key} must be in [0, 1], got {v!r}")
+        v = c["foreground_fill"]
+        _check(
+            v == "mean" or (isinstance(v, list) and len(v) == 3 and all(_is_int(x) and 0 <= x <= 255 for x in v)),
+            f"data.foreground_fill must be 'mean' or [r, g, b] with integers in 0..255, got {v!r}",
+        )
     if name == "imagefolder":
         v = c["load_size"]
         _check(v is None or (_is_int(v) and v >= 8), f"data.load_size must be null or an int >= 8, got {v!r}")

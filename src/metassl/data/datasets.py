@@ -62,6 +62,24 @@ def take(source: Any, indices: Sequence[int] | slice) -> Any:
     return IndexedSource(source, list(indices))
 
 
+def fill_background(images: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """``images`` with every pixel outside the foreground mask set to ``fill`` (docs/algorithms.md §5.6).
+
+    images (N, 3, H, W) uint8, masks (N, H, W) or (N, 1, H, W) with 1 on the object, fill three
+    integers in 0..255 (r, g, b).  Returns a new uint8 tensor; pixels on the mask are unchanged.
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"fill_background needs uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    if tuple(masks.shape) not in ((n, h, w), (n, 1, h, w)):
+        raise ValueError(f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)}; pass (N, H, W) masks")
+    colour = torch.as_tensor(fill)
+    if colour.shape != (3,) or colour.is_floating_point() or bool(((colour < 0) | (colour > 255)).any()):
+        raise ValueError(f"fill must be three integers in [0, 255] (r, g, b), got {fill!r}")
+    keep = masks.reshape(n, 1, h, w).bool()
+    return torch.where(keep, images, colour.to(torch.uint8).view(1, 3, 1, 1))
+
+
 class ImageDataset(Dataset):
     """(image, label) pairs from a source of uint8 CHW tensors, with an optional transform.
 
@@ -128,6 +146,18 @@ class ImageDataset(Dataset):
             if return_mask and self.masks is None:
                 raise ValueError("return_mask=True needs masks")
             new.return_mask = return_mask
+        return new
+
+    def with_background_filled(self, fill: torch.Tensor | Sequence[int]) -> "ImageDataset":
+        """Shallow copy whose images have every background pixel set to ``fill`` (:func:`fill_background`);
+        needs in-memory uint8 images and per-pixel masks (the built-in data)."""
+        if self.masks is None or not isinstance(self.images, torch.Tensor):
+            raise ValueError(
+                f"foreground-only images need in-memory images with per-pixel foreground masks, which "
+                f"{type(self).__name__} has not; use data=builtin"
+            )
+        new = copy.copy(self)
+        new.images = fill_background(self.images, self.masks, fill)
         return new
 
     def subset(self, indices: Sequence[int] | slice | int) -> "ImageDataset":

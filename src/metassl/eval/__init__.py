@@ -2,7 +2,8 @@
 
 Everything here takes a backbone (plus an optional feature transform) or precomputed features,
 so any checkpoint, ours or exported, is evaluated the same way.  This package imports nothing of
-``metassl`` outside itself and nothing of Lightning.
+Lightning and, of ``metassl``, only the torch-only model helpers (the feature-map contract, the
+CIFAR stem) used by ``segment`` and ``transfer``.
 """
 
 from metassl.eval.features import extract_features
