@@ -87,6 +87,7 @@ import metassl.regularizers as _regularizers_pkg
 from metassl.engine.optim import build_optimizer
 from metassl.engine.step import training_step
 from metassl.methods import METHODS, build_method, method_hparams
+from metassl.models.feature_maps import FeatureMapForward
 from metassl.regularizers.base import Regularizer, StepContext, build_regularizer, regularizer_hparams
 
 WORLD = 2
@@ -131,6 +132,13 @@ EXTRA_VARIANTS: dict[str, list[dict[str, Any]]] = {
         {"order": "official", "grad_mode": "finite_difference"},
         {"virtual_params": "heads"},
         {"virtual_step": "sgd"},
+    ],
+    "mrcl": [
+        {"masked_views": "both"},
+        {"mask_type": "block"},
+        {"mask_type": "erase", "mask_ratio": 0.3},
+        {"contrastive_input": "clean", "target_norm": "patch"},
+        {"decoder": "linear"},
     ],
 }
 
@@ -195,19 +203,24 @@ CONFIG_IDS = [f"{m}+{_variant_id(r, v)}" for m, r, v in CONFIGS]
 
 
 # -- the tiny model ----------------------------------------------------------------------------
-class TinyConv(nn.Module):
-    """conv3x3(3->4)-BN-ReLU, conv3x3/2(4->FEAT)-BN-ReLU, global average pool: ``FEAT`` features."""
+class TinyConv(FeatureMapForward, nn.Module):
+    """conv3x3(3->4)-BN-ReLU, conv3x3/2(4->FEAT)-BN-ReLU, global average pool: ``FEAT`` features.
+    Has feature maps (``forward_features``: the ``(B, FEAT, 4, 4)`` map before the pool), so
+    regularizers with ``needs_feature_maps`` (MRCL) run here too."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
             nn.Conv2d(4, FEAT, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(FEAT), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
         )
+        self.pool = nn.AdaptiveAvgPool2d(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).flatten(1)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.pool(fmap).flatten(1)
 
 
 class Canary(Regularizer):
@@ -299,6 +312,16 @@ def _batch(case: int, step: int):
     views[1] = 0.6 * views[1] + 0.8 * views[0]  # correlated views
     labels = torch.randint(0, 3, (N,), generator=g)
     return views, labels
+
+
+def _extras(case: int, step: int, reg: nn.Module) -> dict[str, torch.Tensor]:
+    """The extra batch fields the regularizer lists in ``data_requirements``, for the global
+    batch: ``"clean"`` (the un-augmented image) as one more random image per sample."""
+    extras: dict[str, torch.Tensor] = {}
+    if "clean" in getattr(reg, "data_requirements", ()):
+        g = torch.Generator().manual_seed(1000 * case + step + 500)
+        extras["clean"] = torch.randn(N, 3, IMG, IMG, generator=g, dtype=torch.float64)
+    return extras
 
 
 def _step_seed(case: int, step: int) -> int:
@@ -499,9 +522,9 @@ class _StepModule(nn.Module):
         super().__init__()
         self.inner = container
 
-    def forward(self, views, labels, enc_opt, meta_opt, step, backward):
+    def forward(self, views, labels, enc_opt, meta_opt, step, backward, extras=None):
         logs = training_step(
-            self.inner["method"], self.inner["regularizer"], views, labels, enc_opt, meta_opt,
+            self.inner["method"], self.inner["regularizer"], views, labels, enc_opt, meta_opt, extras=extras,
             progress=step / 10, global_step=step, backward=backward, distributed=True,
         )
         # Lightning's _DDPForwardRedirection.on_after_inner_forward (manual optimization): the
@@ -528,7 +551,8 @@ def _run_ddp_case(case: int, method_name: str, reg_name: str, variant: dict[str,
     for step in range(STEPS):
         views, labels = _batch(case, step)
         with RankRNG(1, N_LOCAL, _step_seed(case, step)).active():
-            logs = ddp([v[sl].contiguous() for v in views], labels[sl], enc_opt, meta_opt, step, backward)
+            extras = {k: v[sl].contiguous() for k, v in _extras(case, step, container["regularizer"]).items()}
+            logs = ddp([v[sl].contiguous() for v in views], labels[sl], enc_opt, meta_opt, step, backward, extras)
         ddp.require_backward_grad_sync = True  # on_after_outer_forward
         record["steps"].append({"scalars": _scalars(logs), "grads": _grads(container)})
     record["state"] = _state(container)
@@ -593,7 +617,7 @@ def _run_reference(case: int, method_name: str, reg_name: str, variant: dict[str
         with RankRNG(WORLD, N_LOCAL, _step_seed(case, step)).active():
             logs = training_step(
                 container["method"], container["regularizer"], views, labels, enc_opt, meta_opt,
-                progress=step / 10, global_step=step, distributed=False,
+                extras=_extras(case, step, container["regularizer"]), progress=step / 10, global_step=step, distributed=False,
             )
         record["steps"].append({"scalars": _scalars(logs), "grads": _grads(container)})
     record["state"] = _state(container)

@@ -38,7 +38,8 @@ def test_preset_pair_trains_as_written(method_name, reg_name):
     g = torch.Generator().manual_seed(1)
     for step in range(3):
         views = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
-        logs = training_step(method, reg, views, None, opt, meta, global_step=step)
+        extras = {"clean": torch.randn(8, 3, 16, 16, generator=g)} if "clean" in reg.data_requirements else {}
+        logs = training_step(method, reg, views, None, opt, meta, extras=extras, global_step=step)
         assert torch.isfinite(logs["loss"]), (method_name, reg_name, step, logs)
     for b, p in zip(before, reg.meta_parameters()):
         assert not torch.equal(b, p.detach()), "the meta parameters did not move"

@@ -24,7 +24,7 @@ GROUPS = ("method", "regularizer", "data", "backbone", "protocol", "paper")
 
 CHOICES: dict[str, tuple] = {
     "optimizer.name": ("sgd", "lars", "adamw"),
-    "scheduler.name": ("warmup_cosine", "cosine", "constant"),
+    "scheduler.name": ("warmup_cosine", "cosine", "constant", "multistep"),
     "trainer.precision": ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps"),
     "eval.features": ("transformed", "raw"),

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from metassl.engine.evaluation import label_free_metrics, training_dataset
 from metassl.engine.optim import build_optimizer, lr_lambda
 from metassl.errors import DivergenceError
 from metassl.engine.step import clip_info, training_step
@@ -91,8 +92,10 @@ class SSLModule(L.LightningModule):
         per_epoch = float(getattr(self.trainer, "num_training_batches", float("inf")))
         steps_per_epoch = max(1, int(per_epoch) if math.isfinite(per_epoch) else total // max(1, int(self.trainer.max_epochs or 1)))
         warmup = 0 if sched_cfg["name"] == "cosine" else int(sched_cfg["warmup_epochs"] * steps_per_epoch)
+        milestones = [int(e * steps_per_epoch) for e in sched_cfg.get("milestones") or ()]
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            encoder_opt, lr_lambda(sched_cfg["name"], total, warmup, sched_cfg["min_lr_ratio"])
+            encoder_opt,
+            lr_lambda(sched_cfg["name"], total, warmup, sched_cfg["min_lr_ratio"], milestones, sched_cfg.get("decay", 0.1)),
         )
         optimizers, schedulers = [encoder_opt], [schedule]
         if self.regularizer.bilevel:
@@ -221,5 +224,7 @@ class SSLModule(L.LightningModule):
             metrics["val/knn_top1"] = knn_accuracy(
                 bank[~held_out], bank_y[~held_out], bank[held_out], bank_y[held_out], self.num_classes, k=k, t=t
             )
+        val_feats = bank[self.knn_val_mask.to(index.device)[index]] if self.knn_val_mask is not None else bank
+        metrics.update(label_free_metrics(val_feats, self.features, training_dataset(self.trainer), seed=int(self.cfg["seed"])))
         self.log_dict(metrics, prog_bar=True, sync_dist=False, rank_zero_only=False)
         self._val_feats, self._val_labels, self._val_index = [[], []], [[], []], [[], []]

@@ -60,15 +60,21 @@ def build_optimizer(cfg: Mapping[str, Any], named_params: Iterable[tuple[str, nn
     raise ValueError(f"unknown optimizer {name!r}; choose sgd, lars or adamw")
 
 
-def lr_lambda(name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):
-    """Multiplier of the base lr at optimizer step ``s`` (linear warm-up, then cosine or constant)."""
+def lr_lambda(
+    name: str, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0, milestones: Iterable[int] = (), decay: float = 0.1
+):
+    """Multiplier of the base lr at optimizer step ``s`` (linear warm-up, then cosine, constant,
+    or ``multistep``: ``decay`` to the power of the number of ``milestones`` (optimizer steps) passed)."""
     total_steps = max(1, total_steps)
+    milestones = sorted(int(m) for m in milestones)
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
         if name == "constant":
             return 1.0
+        if name == "multistep":
+            return decay ** sum(step >= m for m in milestones)
         start = warmup_steps if name == "warmup_cosine" else 0
         progress = min(1.0, (step - start) / max(1, total_steps - start))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -10,6 +10,7 @@ from metassl.losses.byol import byol_loss
 from metassl.losses.moco import moco_infonce
 from metassl.losses.simclr import nt_xent
 from metassl.losses.simsiam import simsiam_loss
+from metassl.losses.unified import margin_injection_loss, unified_contrastive_loss
 from metassl.losses.vicreg import vicreg_loss
 
-__all__ = ["nt_xent", "moco_infonce", "byol_loss", "simsiam_loss", "barlow_twins_loss", "vicreg_loss"]
+__all__ = ["nt_xent", "moco_infonce", "byol_loss", "simsiam_loss", "barlow_twins_loss", "vicreg_loss", "unified_contrastive_loss", "margin_injection_loss"]
