@@ -223,7 +223,7 @@ def test_registered_preset_composes_and_resolves_the_display_statistics():
 
 @pytest.mark.parametrize("views_opt", ["first", "both"])
 def test_prepare_views_masks_the_chosen_views_and_keeps_the_clean_ones(views_opt):
-    m, reg = make(masked_views=views_opt, fill_value=0.5, mask_ratio=0.5)
+    m, reg = make(masked_views=views_opt, fill_value=0.5, mask_ratio=0.5, contrastive_input="masked")
     views = views_for()
     ctx = StepContext(method=m, views=views)
     prepared = reg.prepare_views(views, ctx)
@@ -242,8 +242,9 @@ def test_prepare_views_masks_the_chosen_views_and_keeps_the_clean_ones(views_opt
     assert ctx.cache["mrcl"]["masked"][0].shape == views[0].shape
 
 
-@pytest.mark.parametrize("options", [dict(), dict(target_norm="patch"), dict(contrastive_input="clean"), dict(decoder="linear")],
-                         ids=["default", "patch-norm", "clean-input", "linear"])
+@pytest.mark.parametrize("options", [dict(contrastive_input="masked"), dict(target_norm="patch", contrastive_input="masked"),
+                                     dict(contrastive_input="clean"), dict(decoder="linear", contrastive_input="masked")],
+                         ids=["masked-input", "patch-norm", "clean-input", "linear"])
 def test_extra_loss_is_the_weighted_masked_mse_of_the_decoder(options):
     m, reg = make(rec_weight=0.7, **options)
     views = views_for()
@@ -292,8 +293,8 @@ def test_reconstruction_gradient_reaches_the_encoder(contrastive_input):
     assert all(p.grad is None for p in m.projector.parameters())  # the heads are not on L_rec's path
 
 
-def test_momentum_target_sees_the_masked_view():
-    m, reg = make("byol")
+def test_momentum_target_sees_the_masked_view_with_masked_input():
+    m, reg = make("byol", contrastive_input="masked")
     views = views_for()
     ctx = StepContext(method=m, views=views)
     prepared = reg.prepare_views(views, ctx)
