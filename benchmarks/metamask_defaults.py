@@ -99,10 +99,13 @@ def main() -> None:
     for s in seeds:  # interrupted runs: their per-epoch kNN so far (resumed, not rerun, next time)
         for m in methods:
             for reg in ("none", "metamask"):
-                key, csv_file = f"{m}-{reg}-s{s}", Path(args.runs) / f"{m}-{reg}-s{s}" / "metrics.csv"
-                if not csv_file.exists():
+                key, folder = f"{m}-{reg}-s{s}", Path(args.runs) / f"{m}-{reg}-s{s}"
+                # a resumed run's earlier epochs are in metrics.part<N>.csv until it finishes
+                parts = sorted(folder.glob("metrics.part*.csv"), key=lambda p: int(p.stem.split("part")[1]))
+                files = [*parts, folder / "metrics.csv"]
+                if not files[-1].exists():
                     continue
-                curve = [float(r["test/knn_top1"]) for r in csv.DictReader(csv_file.open()) if r.get("test/knn_top1")]
+                curve = [float(r["test/knn_top1"]) for f in files for r in csv.DictReader(f.open()) if r.get("test/knn_top1")]
                 if "knn_top1" in results.get(key, {}):
                     results[key].setdefault("knn_by_epoch", curve)
                 else:
