@@ -10,6 +10,7 @@ Examples::
     metassl eval background --ckpt runs/x/checkpoints/last.ckpt eval.background.linear=false
     metassl eval segment --ckpt runs/x/checkpoints/last.ckpt eval.segment.head=conv
     metassl export --ckpt runs/x/checkpoints/last.ckpt --out backbone.pt
+    metassl analyze --ckpt runs/x/checkpoints/last.ckpt --compare runs/y/checkpoints/last.ckpt
     metassl bench speed --quick
 """
 
@@ -59,6 +60,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from metassl.analysis.pipeline import AnalysisOptions, run_analysis
+
+    opts = AnalysisOptions(group_size=args.group_size, linear=not args.no_linear, device=args.device)
+    report = run_analysis(args.ckpt, args.overrides, out=args.out, compare=args.compare, backbone=args.backbone, opts=opts)
+    print(f"wrote {report} and {report.parent / 'analysis.json'}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "speed":
         from metassl.bench.speed import main as speed_main
@@ -102,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("analyze", help="HTML report of a trained representation (redundancy, confounder dims, background)")
+    p.add_argument("--ckpt", required=True, help="a metassl checkpoint, or a `metassl export` file with --backbone")
+    p.add_argument("--out", help="output folder (default: <run folder>/analysis)")
+    p.add_argument("--compare", help="a second checkpoint shown side by side (e.g. the base method without regularizer)")
+    p.add_argument("--backbone", help="backbone name of an exported state_dict (e.g. resnet18)")
+    p.add_argument("--group-size", type=int, default=None, help="dimensions removed together (default: 1 up to 128 dims, else 8)")
+    p.add_argument("--no-linear", action="store_true", help="skip the ridge-probe ablation")
+    p.add_argument("--device", default="cpu", help="where features are extracted (cpu, cuda)")
+    p.add_argument("overrides", nargs="*", help="eval.*, data.* or seed overrides, e.g. data.root=PATH eval.knn.k=20")
+    p.set_defaults(func=_analyze)
 
     p = sub.add_parser("bench", help="benchmarks: `metassl bench speed --help`")
     p.add_argument("what", choices=["speed"])
