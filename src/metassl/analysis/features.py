@@ -72,7 +72,7 @@ class Source:
 
     def _transform_keeps_dim(self) -> bool:
         with torch.no_grad():
-            probe = torch.zeros(2, self.feat_dim)
+            probe = torch.zeros(2, self.feat_dim, device=module_device(self.transform))
             return tuple(self.transform.eval()(probe).shape) == (2, self.feat_dim)
 
 
@@ -179,6 +179,13 @@ def load_source(path: str | Path, overrides: Iterable[str] = (), backbone: str |
     return _from_state_dict(path, backbone, overrides)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where the module's first parameter or buffer lives (CPU for a module without any)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def per_dimension_gate(transform: nn.Module | None, dim: int, tol: float = 1e-6) -> torch.Tensor | None:
     """The vector ``m`` when ``transform(h) == h ⊙ m`` for every ``h`` (a per-dimension gate
@@ -186,11 +193,12 @@ def per_dimension_gate(transform: nn.Module | None, dim: int, tol: float = 1e-6)
     if transform is None:
         return None
     transform = transform.eval()
-    eye = torch.eye(dim)
+    eye = torch.eye(dim, device=module_device(transform))
     try:
-        out, twice, zero = transform(eye), transform(2 * eye), transform(torch.zeros(1, dim))
+        out, twice, zero = transform(eye), transform(2 * eye), transform(torch.zeros(1, dim, device=eye.device))
     except Exception:  # noqa: BLE001 - a transform that cannot take the probe is no gate
         return None
+    out, twice, zero = out.cpu(), twice.cpu(), zero.cpu()
     if out.shape != (dim, dim) or zero.abs().max() > tol:
         return None
     diag = out.diagonal().clone()
