@@ -31,12 +31,18 @@ METHODS = ("simclr", "moco_v2", "byol", "simsiam", "barlow_twins", "vicreg")
 HERE = Path(__file__).resolve().parent
 
 
-def run_one(method: str, reg: str, seed: int, runs: Path, extra: list[str]) -> dict:
-    out = runs / f"{method}-{reg}-s{seed}"
+def train_args(out: Path, method: str, reg: str, seed: int, extra: list[str]) -> list[str]:
+    """The ``metassl train`` command of one cell, resuming from ``out``'s last checkpoint if any."""
     args = [sys.executable, "-m", "metassl.cli", "train", f"method={method}", f"regularizer={reg}", f"seed={seed}",
             f"output_dir={out}", "trainer.progress_bar=false", *extra]
     if (out / "checkpoints" / "last.ckpt").exists():
         args.append("resume=auto")
+    return args
+
+
+def run_one(method: str, reg: str, seed: int, runs: Path, extra: list[str]) -> dict:
+    out = runs / f"{method}-{reg}-s{seed}"
+    args = train_args(out, method, reg, seed, extra)
     t0 = time.time()
     proc = subprocess.run(args, capture_output=True, text=True)
     wall = time.time() - t0

@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from metamask_defaults import train_args  # same folder: benchmarks/ is on sys.path when run as a script
 
 from metassl.bench.metadata import run_metadata
 
@@ -35,10 +36,7 @@ def read_run(folder: Path) -> dict:
 
 def run_one(method: str, reg: str, seed: int, runs: Path, extra: list[str]) -> dict:
     out = runs / f"{method}-{reg}-s{seed}"
-    args = [sys.executable, "-m", "metassl.cli", "train", f"method={method}", f"regularizer={reg}", f"seed={seed}",
-            f"output_dir={out}", "trainer.progress_bar=false", *extra]
-    if (out / "checkpoints" / "last.ckpt").exists():
-        args.append("resume=auto")
+    args = train_args(out, method, reg, seed, extra)
     t0 = time.time()
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:

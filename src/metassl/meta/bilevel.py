@@ -34,7 +34,7 @@ from torch import nn
 from metassl.meta.engine import GRAD_MODES, LossFn, MetaGradient, meta_gradient
 from metassl.meta.virtual_step import GradClip, VirtualStep
 from metassl.methods.base import Method
-from metassl.regularizers.base import Regularizer, StepContext
+from metassl.regularizers.base import Regularizer, StepContext, check_choices
 
 __all__ = ["BilevelRegularizer", "blocked", "OWN_PREFIX"]
 
@@ -67,12 +67,6 @@ def blocked(x: torch.Tensor) -> torch.Tensor:
     return _BlockGrad.apply(x)
 
 
-def _choose(owner: str, **choices: tuple[Any, tuple[Any, ...]]) -> None:
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ValueError(f"{owner}: {key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-
-
 class BilevelRegularizer(Regularizer):
     """Base of regularizers whose meta parameters follow a virtual encoder step."""
 
@@ -94,7 +88,7 @@ class BilevelRegularizer(Regularizer):
         meta_scheduler: str = "cosine",
     ) -> None:
         super().__init__()
-        _choose(
+        check_choices(
             self.name,
             grad_mode=(grad_mode, GRAD_MODES),
             fd_scheme=(fd_scheme, ("central", "forward")),

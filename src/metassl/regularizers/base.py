@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -177,6 +178,14 @@ class Regularizer(nn.Module):
 
     def on_train_end(self, output_dir: Path) -> None:
         """Write plots or files at the end of training."""
+
+
+def check_choices(owner: str, **choices: tuple[Any, Sequence[Any]]) -> None:
+    """One-line ``ValueError`` for the first option whose value is not among its allowed ones
+    (``key=(value, allowed)``), named as ``<owner>: <key> must be one of ...``."""
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{owner}: {key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
 REGULARIZERS: dict[str, type[Regularizer]] = {"none": Regularizer}

@@ -70,7 +70,7 @@ from metassl.losses.distributed import gather_no_grad
 from metassl.meta import MetaGradient, frozen_bn_stats, replay_features
 from metassl.meta.bilevel import BilevelRegularizer, blocked
 from metassl.methods.base import Method
-from metassl.regularizers.base import StepContext, register_regularizer
+from metassl.regularizers.base import StepContext, check_choices, register_regularizer
 from metassl.regularizers.confounder_dictionary import (
     ATTENTIONS,
     PRIORS,
@@ -142,11 +142,6 @@ def _gather_views(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([gather_no_grad(p.detach()) for p in parts])
 
 
-def _choose(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"iclmsr: {key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-
-
 @register_regularizer("iclmsr")
 class ICLMSR(BilevelRegularizer):
     """ICL-MSR: backdoor adjustment over a confounder dictionary plus a meta-learnt semantic
@@ -189,10 +184,10 @@ class ICLMSR(BilevelRegularizer):
         )
         if not adjustment and not semantic_regularizer:
             raise ValueError("iclmsr: adjustment and semantic_regularizer are both false, which is regularizer=none; enable one")
-        _choose("dictionary", dictionary, DICTIONARIES)
-        _choose("prior", prior, PRIORS)
-        _choose("attention", attention, ATTENTIONS)
-        _choose("meta_objective", meta_objective, META_OBJECTIVES)
+        check_choices(
+            "iclmsr", dictionary=(dictionary, DICTIONARIES), prior=(prior, PRIORS), attention=(attention, ATTENTIONS),
+            meta_objective=(meta_objective, META_OBJECTIVES),
+        )
         if meta_objective == "plain" and grad_mode == "first_order":
             raise ValueError("iclmsr: grad_mode=first_order of meta_objective=plain is identically zero (psi reaches the plain "
                              "objective only through the virtual step); use second_order, finite_difference or meta_objective=weighted")

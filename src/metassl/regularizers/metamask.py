@@ -86,7 +86,7 @@ from metassl.meta.second_order import global_norm
 from metassl.meta.bilevel import BilevelRegularizer, blocked
 from metassl.methods.base import Method
 from metassl.models.heads import ProjectionHead
-from metassl.regularizers.base import StepContext, register_regularizer
+from metassl.regularizers.base import StepContext, check_choices, register_regularizer
 
 __all__ = ["MetaMask", "AppliedMask"]
 
@@ -143,14 +143,13 @@ class MetaMask(BilevelRegularizer):
             virtual_lr=virtual_lr, meta_precision=meta_precision, meta_optimizer=meta_optimizer, meta_lr=meta_lr,
             meta_momentum=meta_momentum, meta_weight_decay=meta_weight_decay, meta_scheduler=meta_scheduler,
         )
-        for key, value, allowed in (
-            ("order", order, ("reuse", "official")),
-            ("virtual_params", virtual_params, ("all", "heads")),
-            ("second_order_params", second_order_params, ("all", "heads")),
-            ("backbone_tangent", backbone_tangent, ("jvp", "difference")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"metamask: {key} must be one of {', '.join(allowed)}; got {value!r}")
+        check_choices(
+            "metamask",
+            order=(order, ("reuse", "official")),
+            virtual_params=(virtual_params, ("all", "heads")),
+            second_order_params=(second_order_params, ("all", "heads")),
+            backbone_tangent=(backbone_tangent, ("jvp", "difference")),
+        )
         if tangent_radius <= 0:
             raise ValueError(f"metamask: tangent_radius must be positive, got {tangent_radius}")
         self.weight_base = float(weight_base)

@@ -46,7 +46,7 @@ from metassl.data.masking import mask_ratio as realised_mask_ratio
 from metassl.methods.base import Method
 from metassl.models.decoders import DECODERS, build_decoder, feature_map_geometry
 from metassl.models.feature_maps import require_feature_maps
-from metassl.regularizers.base import Regularizer, StepContext, register_regularizer
+from metassl.regularizers.base import Regularizer, StepContext, check_choices, register_regularizer
 
 __all__ = ["MRCL", "masked_reconstruction_loss", "patch_denormalize", "patch_normalize"]
 
@@ -100,12 +100,6 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _choice(key: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"mrcl: {key} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
 def _display_stats(normalization, dataset, mean, std) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The data's normalisation (mean, std) for un-normalising the PNG; None: not known."""
     if mean is not None or std is not None:
@@ -155,15 +149,20 @@ class MRCL(Regularizer):
         self.mask_type = mask_type
         self.patch_size = int(patch_size)
         self.mask_ratio = float(mask_ratio)
-        self.masked_views = _choice("masked_views", masked_views, MASKED_VIEWS)
+        check_choices(
+            "mrcl", masked_views=(masked_views, MASKED_VIEWS), contrastive_input=(contrastive_input, CONTRASTIVE_INPUTS),
+            decoder=(decoder, DECODERS),
+        )
+        self.masked_views = masked_views
         self.fill_value = float(fill_value)
-        self.contrastive_input = _choice("contrastive_input", contrastive_input, CONTRASTIVE_INPUTS)
-        self.decoder_kind = _choice("decoder", decoder, DECODERS)
+        self.contrastive_input = contrastive_input
+        self.decoder_kind = decoder
         for key, value in (("decoder_width", decoder_width), ("decoder_depth", decoder_depth)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"mrcl: {key} must be a positive integer; got {value!r}")
         self.decoder_width, self.decoder_depth = int(decoder_width), int(decoder_depth)
-        self.target_norm = _choice("target_norm", target_norm, TARGET_NORMS)
+        check_choices("mrcl", target_norm=(target_norm, TARGET_NORMS))
+        self.target_norm = target_norm
         if not float(rec_weight) >= 0.0:
             raise ValueError(f"mrcl: rec_weight must be a number >= 0 (e.g. 0.1); got {rec_weight!r}")
         self.rec_weight = float(rec_weight)
