@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default="simclr", help="base methods, comma separated")
     ap.add_argument("--regularizers", default="none,iclmsr", help="'none' is the base; differences are taken to it")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--train", default=",".join(TRAIN_CONDITIONS),
+                    help="training conditions to run (full, foreground); the table shows every finished cell")
     ap.add_argument("--extra", nargs="*", default=[], help="further key=value overrides for every training run")
     ap.add_argument("--eval-extra", nargs="*", default=[],
                     help="overrides for `metassl eval background`, e.g. eval.background.linear=false")
@@ -227,7 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             for m in methods:
                 for r in regs:
-                    for train in TRAIN_CONDITIONS:
+                    for train in [t for t in args.train.split(",") if t]:
+                        if train not in TRAIN_CONDITIONS:
+                            raise SystemExit(f"--train: unknown condition {train!r}; use {', '.join(TRAIN_CONDITIONS)}")
                         key = cell_key(m, r, train, seed)
                         if is_finished(results.get(key)):
                             continue

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -40,6 +41,10 @@ def report(runs):
 
 def test_report_and_json_are_written_with_every_section(report):
     assert (report / "report.html").is_file() and (report / "features.pt").is_file()
+    figures = sorted(p.name for p in (report / "figures").glob("*.png"))
+    assert any(n.startswith("a_") for n in figures) and any(n.startswith("b_") for n in figures)
+    page = (report / "report.html").read_text()
+    assert page.count("<img") == len(figures)  # every picture of the page is also a file
     record = json.loads((report / "analysis.json").read_text())
     a, b = record["runs"]
     assert a["run"]["regularizer"] == "metamask" and b["run"]["regularizer"] == "none"
@@ -86,6 +91,21 @@ def test_second_analysis_reads_the_feature_cache(report, runs, tmp_path):
     assert record["features"]["from_cache"] and "linear" not in record["ablation"]["backbone"]
     assert record["spaces"]["backbone"]["rankme"] == first["spaces"]["backbone"]["rankme"]
     assert record["ablation"]["backbone"]["knn"]["rows"] == first["ablation"]["backbone"]["knn"]["rows"]
+
+
+def test_bf16_extraction_matches_fp32_and_has_its_own_cache(report, runs, tmp_path):
+    ckpt = runs["metamask"] / "checkpoints" / "last.ckpt"
+    shutil.copy(report / "features.pt", tmp_path / "features.pt")  # an fp32 cache must not be reused for bf16
+    assert main(["analyze", "--ckpt", str(ckpt), "--out", str(tmp_path), "--no-linear", "--precision", "bf16"]) == 0
+    record = json.loads((tmp_path / "analysis.json").read_text())
+    first = json.loads((report / "analysis.json").read_text())["runs"][0]
+    assert record["options"]["precision"] == "bf16" and not record["runs"][0]["features"]["from_cache"]
+    fp32 = torch.load(report / "features.pt")["splits"]["test"]["backbone"]
+    bf16 = torch.load(tmp_path / "features.pt")["splits"]["test"]["backbone"]
+    assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    assert torch.nn.functional.cosine_similarity(bf16, fp32, dim=1).min() > 0.99
+    got, want = record["runs"][0]["spaces"]["backbone"], first["spaces"]["backbone"]
+    assert got["rankme"] == pytest.approx(want["rankme"], rel=0.05)
 
 
 def test_exported_backbone_is_analysed_with_backbone_and_data_options(runs, tmp_path):
@@ -142,6 +162,8 @@ def test_training_logs_label_free_metrics_every_epoch(runs):
 def test_report_renders_in_headless_chromium(report, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
+        if os.environ.get("METASSL_REQUIRE_CHROMIUM") == "1":  # set by .ci/run, which installs it
+            pytest.fail("METASSL_REQUIRE_CHROMIUM=1 but chromium is not on PATH (apt-get install -y chromium)")
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     shot = tmp_path / "shot.png"
     page = (report / "report.html").resolve().as_uri()
@@ -155,6 +177,10 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert image.size == (1400, 3000)
     lo, hi = image.getextrema()
     assert hi - lo > 100  # text and pictures, not a blank page
+    artifacts = os.environ.get("METASSL_TEST_ARTIFACTS")  # .ci/run keeps the screenshot there
+    if artifacts:
+        os.makedirs(artifacts, exist_ok=True)
+        shutil.copy(shot, os.path.join(artifacts, "analysis_report_screenshot.png"))
     dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page],
                          capture_output=True, text=True, timeout=120)
     assert "What the representation looks like" in dom.stdout and dom.stdout.count("<img") >= 10

@@ -49,3 +49,20 @@ def test_speed_report_shows_the_provenance():
     }
     md = to_markdown(result)
     assert meta["date"] in md and str(meta["commit"] or "unknown") in md and "`metassl bench speed --quick`" in md
+
+
+def test_speed_cases_run_every_regularizer_with_its_data_extras():
+    """`metassl bench speed` times each regularizer as it trains, including those that ask the
+    data pipeline for extras (ICL-MSR's un-augmented image)."""
+    import argparse
+    import math
+
+    from metassl.bench.cases import Variant
+    from metassl.bench.metassl_case import build_metassl_case
+    from metassl.regularizers import REGULARIZERS
+
+    args = argparse.Namespace(backbone="convnet_small", batch=8, image_size=32, seed=0, device="cpu", warmup=1,
+                              steps=1, repeats=1)
+    for name in REGULARIZERS:
+        case = build_metassl_case(args, "simclr", name, Variant("fp32", channels_last=False))
+        assert math.isfinite(case.step(0)), name

@@ -63,7 +63,8 @@ def _export(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from metassl.analysis.pipeline import AnalysisOptions, run_analysis
 
-    opts = AnalysisOptions(group_size=args.group_size, linear=not args.no_linear, device=args.device)
+    opts = AnalysisOptions(group_size=args.group_size, linear=not args.no_linear, device=args.device,
+                           precision=args.precision)
     report = run_analysis(args.ckpt, args.overrides, out=args.out, compare=args.compare, backbone=args.backbone, opts=opts)
     print(f"wrote {report} and {report.parent / 'analysis.json'}")
     return 0
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="dimensions removed together (default: 1 up to 128 dims, else 8)")
     p.add_argument("--no-linear", action="store_true", help="skip the ridge-probe ablation")
     p.add_argument("--device", default="cpu", help="where features are extracted (cpu, cuda)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="feature extraction in fp32, or bf16 autocast + channels-last (faster on CPUs with bf16 units)")
     p.add_argument("overrides", nargs="*", help="eval.*, data.* or seed overrides, e.g. data.root=PATH eval.knn.k=20")
     p.set_defaults(func=_analyze)
 

@@ -278,17 +278,24 @@ def extract_feature_set(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    precision: str = "fp32",
 ) -> FeatureSet:
     """Features of the labelled train split, the test split, ``foreground_test`` (the test
     images with their background filled, when given) and the positive pairs; read from
     ``cache_path`` when it holds them for the same weights, data and options, else extracted
-    and written there."""
+    and written there.  ``precision="bf16"`` runs the forward passes under bf16 autocast with
+    channels-last activations (about 2-3x faster on CPUs with bf16 units; features are returned
+    in float32 either way)."""
     from metassl.data.utils import cache_key
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}; use fp32 or bf16")
+    autocast = torch.bfloat16 if precision == "bf16" else None
 
     names = source.spaces()
     key = cache_key({"v": _CACHE_VERSION, "weights": weights_fingerprint(source.backbone, source.transform, source.projector),
                      "data": source.cfg["data"], "spaces": names, "pairs": int(num_pairs), "seed": int(seed),
-                     "foreground": foreground_test is not None})
+                     "foreground": foreground_test is not None, "precision": precision})
     if cache_path is not None and cache_path.is_file():
         blob = try_load_cache(cache_path)
         if isinstance(blob, dict) and blob.get("key") == key:
@@ -296,6 +303,8 @@ def extract_feature_set(
     device = torch.device(device)
     stack = _Spaces(names, source.transform, source.projector).to(device)
     backbone = source.backbone.to(device)
+    if autocast is not None:
+        backbone = backbone.to(memory_format=torch.channels_last)
     first = source.bundle.test[0][0]
     widths = [int(_Spaces([n], source.transform, source.projector).to(device).eval()(
         backbone.eval()(first[None].to(device))).shape[1]) for n in names]
@@ -305,7 +314,8 @@ def extract_feature_set(
         datasets["test_foreground"] = foreground_test
     for split, dataset in datasets.items():
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-        stacked, labels = extract_features(backbone, loader, stack, device=device, out_device="cpu")
+        stacked, labels = extract_features(backbone, loader, stack, device=device, out_device="cpu",
+                                           autocast_dtype=autocast, channels_last=autocast is not None)
         fs.splits[split] = _split_spaces(stacked, names, widths)
         fs.labels[split] = labels
         if getattr(dataset, "backgrounds", None) is not None:
@@ -315,7 +325,8 @@ def extract_feature_set(
     if n_pairs >= 2 and ssl_transform is not None and hasattr(source.bundle.test, "with_transform"):
         paired = source.bundle.test.with_transform(ssl_transform, return_mask=False)
         stacked, index = extract_features(backbone, _pair_batches(paired, n_pairs, batch_size, seed), stack,
-                                          device=device, out_device="cpu")
+                                          device=device, out_device="cpu", autocast_dtype=autocast,
+                                          channels_last=autocast is not None)
         ordered = torch.empty_like(stacked)
         ordered[index] = stacked
         fs.pairs = {name: feats.reshape(2, n_pairs, -1) for name, feats in _split_spaces(ordered, names, widths).items()}

@@ -38,6 +38,7 @@ class AnalysisOptions:
     dead_tol: float = 1e-2
     redundancy_threshold: float = 0.9
     device: str = "cpu"
+    precision: str = "fp32"  # feature extraction: fp32 | bf16 (autocast + channels-last)
     batch_size: int | None = None  # None: eval.batch_size of the run
 
 
@@ -182,7 +183,8 @@ def analyze_source(source: Source, out_dir: Path, opts: AnalysisOptions, *, cach
     foreground, fill = foreground_test_split(source.bundle, source.cfg["data"])
     batch = int(opts.batch_size or source.cfg["eval"].get("batch_size", 256))
     fs = extract_feature_set(source, out_dir / cache_name, foreground_test=foreground, num_pairs=opts.num_pairs,
-                             batch_size=batch, device=opts.device, seed=int(source.cfg.get("seed", 0)))
+                             batch_size=batch, device=opts.device, seed=int(source.cfg.get("seed", 0)),
+                             precision=opts.precision)
     extract_s = time.perf_counter() - clock
     result, pics = analyze_features(fs, source, opts, tag=tag)
     result["timings_s"] = {"features": extract_s, **result["timings_s"]}
@@ -213,4 +215,9 @@ def run_analysis(ckpt: str | Path, overrides: Iterable[str] = (), *, out: str | 
         runs.append(analyze_source(other, out_dir, opts, cache_name="features_compare.pt", tag="b_"))
     record = {"options": asdict(opts), "runs": [r for r, _ in runs]}
     (out_dir / "analysis.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
+    figures = out_dir / "figures"  # the report's pictures also as files, for papers and slides
+    figures.mkdir(exist_ok=True)
+    for _, pics in runs:
+        for name, png in pics.items():
+            (figures / f"{name}.png").write_bytes(png)
     return write_report(out_dir / "report.html", record, [p for _, p in runs])

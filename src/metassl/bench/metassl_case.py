@@ -34,9 +34,12 @@ def build_metassl_case(args: argparse.Namespace, method_name: str, reg_name: str
     enc_opt = build_optimizer(DEFAULT_OPTIMIZER, named, scaled_lr(args))
     meta_opt = reg.configure_meta_optimizer(1000)[0] if reg.bilevel else None
     views, labels = make_views(args, variant)
+    # what the data pipeline adds for regularizers that ask for it (ICL-MSR: the un-augmented image)
+    extras = {"clean": views[0].clone()} if "clean" in reg.data_requirements else None
     total = args.warmup + args.steps * args.repeats
 
     def body(i: int):
-        return training_step(method, reg, views, labels, enc_opt, meta_opt, progress=i / total, global_step=i)["loss"]
+        return training_step(method, reg, views, labels, enc_opt, meta_opt, extras=extras, progress=i / total,
+                             global_step=i)["loss"]
 
     return Case("metassl", method_name, reg_name, variant, step=timed_step(args, variant, body), param_bytes=param_bytes(method, reg))
