@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import warnings
 
+import math
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -266,6 +268,30 @@ def test_extra_loss_is_the_weighted_masked_mse_of_the_decoder(options):
     assert stats["rec_loss"] == pytest.approx(float(expected), rel=1e-5) and stats["mask_ratio"] == 0.25
 
 
+@pytest.mark.parametrize("contrastive_input", ["masked", "clean"])
+def test_rec_fraction_masks_and_reconstructs_only_the_first_samples(contrastive_input):
+    m, reg = make(rec_weight=0.7, rec_fraction=0.3, contrastive_input=contrastive_input)
+    views = views_for()
+    batch = views[0].shape[0]
+    n = math.ceil(0.3 * batch)
+    assert reg.num_masked(batch) == n < batch and reg.num_masked(1) == 1
+    ctx = StepContext(method=m, views=views)
+    prepared = reg.prepare_views(views, ctx)
+    cache = ctx.cache["mrcl"]
+    assert cache["clean"][0].shape[0] == cache["mask"][0].shape[0] == cache["masked"][0].shape[0] == n
+    torch.testing.assert_close(cache["clean"][0], views[0][:n])
+    if contrastive_input == "masked":  # the rest of the view is untouched, the masked samples lead
+        assert torch.equal(prepared[0][n:], views[0][n:]) and torch.equal(prepared[0][:n], cache["masked"][0])
+    else:
+        assert prepared[0] is views[0]
+    out = m(prepared)
+    terms = reg.extra_loss(out, ctx)
+    with torch.no_grad():  # masked input: the map of the whole (partly masked) view, batch-norm over all of it
+        fmap = out["fmap"][0][:n] if contrastive_input == "masked" else m.backbone.forward_features(cache["masked"][0])
+        expected = masked_reconstruction_loss(reg.decoder(fmap, (16, 16)), views[0][:n], cache["mask"][0])
+    torch.testing.assert_close(terms["rec"].detach(), 0.7 * expected, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_precision_float64_kept_bf16_raised_to_float32():
     m, reg = make()
     m.double(), reg.double()
@@ -360,6 +386,8 @@ def test_reconstruction_png_is_written(tmp_path):
     (dict(decoder_depth=0), "decoder_depth must be a positive integer"),
     (dict(target_norm="pixel"), "target_norm must be one of none, patch"),
     (dict(rec_weight=-1.0), "rec_weight must be a number >= 0"),
+    (dict(rec_fraction=0.0), "rec_fraction must be in (0, 1]"),
+    (dict(rec_fraction=1.5), "rec_fraction must be in (0, 1]"),
     (dict(display_mean=[0.5, 0.5]), "display_mean and display_std must both be"),
     (dict(display_normalization="sRGB"), "unknown normalization 'sRGB'"),
 ])

@@ -6,8 +6,11 @@ is a **reconstruction** (its assumptions: docs/algorithms.md §6.5):
 
 - ``prepare_views`` masks view 1 (``masked_views=first``) or views 1 and 2 (``both``) with
   :mod:`metassl.data.masking` (``mask_type`` patch | block | erase, ``patch_size``,
-  ``mask_ratio``; hidden pixels set to ``fill_value``, 0 = the normalisation mean); the clean
-  views and the masks wait in ``ctx.cache["mrcl"]``;
+  ``mask_ratio``; hidden pixels set to ``fill_value``, 0 = the normalisation mean); with
+  ``rec_fraction < 1`` only the first ``ceil(rec_fraction · B)`` samples of a masked view (a
+  random subset: the loader shuffles) are masked and reconstructed, which cuts the extra
+  backbone pass of ``contrastive_input=clean`` to that share; the clean samples and the masks
+  wait in ``ctx.cache["mrcl"]``;
 - the base method sees the clean views (``contrastive_input=clean``, default: one more
   backbone pass per masked view gives the decoder its map) or the masked ones (``masked``, the
   paper's "masking as a stronger augmentation"; on the built-in data's small objects it cost
@@ -28,6 +31,7 @@ losses is the loss of the global batch (§1.8).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,6 +140,7 @@ class MRCL(Regularizer):
         decoder_depth: int = 1,
         target_norm: str = "none",
         rec_weight: float = 0.1,
+        rec_fraction: float = 1.0,
         display_normalization: str | None = None,
         display_dataset: str | None = None,
         display_mean: Sequence[float] | None = None,
@@ -166,6 +171,10 @@ class MRCL(Regularizer):
         if not float(rec_weight) >= 0.0:
             raise ValueError(f"mrcl: rec_weight must be a number >= 0 (e.g. 0.1); got {rec_weight!r}")
         self.rec_weight = float(rec_weight)
+        if isinstance(rec_fraction, bool) or not isinstance(rec_fraction, (int, float)) or not 0.0 < rec_fraction <= 1.0:
+            raise ValueError(f"mrcl: rec_fraction must be in (0, 1] (the share of each masked view's samples that are "
+                             f"masked and reconstructed, e.g. 0.25); got {rec_fraction!r}")
+        self.rec_fraction = float(rec_fraction)
         self.display = _display_stats(display_normalization, display_dataset, display_mean, display_std)
         self.decoder: nn.Module | None = None
         self._stats: dict[str, torch.Tensor] = {}
@@ -183,8 +192,14 @@ class MRCL(Regularizer):
         return (0,) if self.masked_views == "first" else tuple(range(min(2, num_views)))
 
     # -- training hooks -------------------------------------------------------------------------
+    def num_masked(self, batch: int) -> int:
+        """Samples of a masked view that are masked and reconstructed: the first
+        ``ceil(rec_fraction · batch)`` (at least one; the loader shuffles, so a random subset)."""
+        return max(1, min(batch, math.ceil(self.rec_fraction * batch - 1e-9)))
+
     def prepare_views(self, views: list[torch.Tensor], ctx: StepContext) -> list[torch.Tensor]:
-        """Mask the chosen views (fresh per-sample masks); keep clean views and masks in the cache."""
+        """Mask the chosen views (fresh per-sample masks; with ``rec_fraction < 1`` only their
+        first samples); keep the clean samples and masks in the cache."""
         views = list(views)
         indices = self.view_indices(len(views))
         clean, masks, masked = [], [], []
@@ -194,6 +209,8 @@ class MRCL(Regularizer):
                 raise ValueError(f"mrcl reconstructs 3-channel images (B, 3, H, W); view {i} has shape {tuple(x.shape)}")
             if self.target_norm == "patch":  # (patch and block masks check their own grid)
                 check_patch_grid(x.shape[-2], x.shape[-1], self.patch_size)
+            n = self.num_masked(x.shape[0])
+            x = x if n == x.shape[0] else x[:n]
             mask = draw_mask(self.mask_type, x, self.patch_size, self.mask_ratio)
             clean.append(x)
             masks.append(mask)
@@ -201,7 +218,7 @@ class MRCL(Regularizer):
         ctx.cache["mrcl"] = {"indices": indices, "clean": clean, "mask": masks, "masked": masked}
         if self.contrastive_input == "masked":
             for i, x in zip(indices, masked):
-                views[i] = x
+                views[i] = x if x.shape[0] == views[i].shape[0] else torch.cat([x, views[i][x.shape[0]:]])
         return views
 
     def target(self, clean: torch.Tensor) -> torch.Tensor:
@@ -216,7 +233,7 @@ class MRCL(Regularizer):
         if self.contrastive_input == "masked":
             if "fmap" not in out:
                 raise RuntimeError("mrcl: the method returned no 'fmap'; set method.return_feature_maps = True (build_regularizer does)")
-            fmaps = [out["fmap"][i] for i in cache["indices"]]
+            fmaps = [out["fmap"][i][: m.shape[0]] for i, m in zip(cache["indices"], cache["mask"])]
         else:  # the base loss saw clean views: one more backbone pass over each masked view
             fmaps = [ctx.method.backbone.forward_features(x) for x in cache["masked"]]
         preds, losses = [], []
