@@ -133,6 +133,8 @@ EXTRA_VARIANTS: dict[str, list[dict[str, Any]]] = {
         {"virtual_params": "heads"},
         {"virtual_step": "sgd"},
     ],
+    "metaug": [{"order": "official"}],
+    "iclmsr": [{"order": "official"}, {"backbone_tangent": "jvp"}],
     "mrcl": [
         {"masked_views": "both"},
         {"mask_type": "block"},

@@ -126,6 +126,9 @@ def test_every_preset_key_has_a_comment():
         (dict(grad_mode="exact"), "grad_mode must be one of"),
         (dict(meta_objective="semantic"), "meta_objective must be one of auto, plain, weighted"),
         (dict(meta_objective="plain", grad_mode="first_order"), "identically zero"),
+        (dict(order="after"), "order must be one of reuse, official"),
+        (dict(backbone_tangent="exact"), "backbone_tangent must be one of difference, jvp"),
+        (dict(tangent_radius=0.0), "tangent_radius must be positive"),
     ],
 )
 def test_bad_options_one_line(kw, match):
@@ -346,9 +349,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("tangent", ["difference", "jvp"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
-def test_meta_gradient_matches_finite_difference_reference(case):
-    m, reg = make(dtype=DT, **case)
+def test_meta_gradient_matches_finite_difference_reference(case, tangent):
+    """order=reuse from θ_t; backbone_tangent=jvp exact to rounding, difference (the default)
+    within its one-sided difference error (relative radius 1e-5: about 1e-5 here)."""
+    rel = 1e-5 if tangent == "jvp" else 3e-4
+    m, reg = make(dtype=DT, backbone_tangent=tangent, **case)
     randomize_semantic(reg)
     opt = encoder_opt(m, reg, lr=0.3)
     views0, extras0 = batch(DT, seed=7)
@@ -361,7 +368,7 @@ def test_meta_gradient_matches_finite_difference_reference(case):
         direction = {n: torch.randn(p.shape, generator=g, dtype=DT) for n, p in reg.semantic.named_parameters()}
         ref = reference_directional(m, reg, opt, views, extras, direction, reg.outer_weighted, plain_lr=case.get("virtual_lr"))
         got = sum(float((exact.grads["semantic." + n] * d).sum()) for n, d in direction.items())
-        assert got == pytest.approx(ref, rel=1e-5, abs=1e-10) and abs(ref) > 1e-6
+        assert got == pytest.approx(ref, rel=rel, abs=1e-10) and abs(ref) > 1e-6
     norm = lambda d: math.sqrt(sum(float(v.pow(2).sum()) for v in d.values()))
     if reg.outer_weighted:
         reg.grad_mode = "first_order"
@@ -373,7 +380,54 @@ def test_meta_gradient_matches_finite_difference_reference(case):
         term = exact.grads
     reg.grad_mode, reg.fd_radius = "finite_difference", 1e-5
     fd = reg.compute_meta_gradient(ctx).grads
-    assert norm({k: fd[k] - exact.grads[k] for k in fd}) <= 1e-4 * norm(term)
+    assert norm({k: fd[k] - exact.grads[k] for k in fd}) <= (1e-4 if tangent == "jvp" else 1e-3) * norm(term)
+
+
+def flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads.values()])
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco_v2", "byol"])
+def test_reuse_difference_tangent_equals_the_exact_term(method):
+    """The default (difference tangent of the backbone features) against the exact jvp through
+    the whole network, at θ_t from the same real step, for in-batch and momentum bases."""
+    m, reg = make(method, dtype=DT)
+    randomize_semantic(reg)
+    opt = encoder_opt(m, reg, lr=0.3)
+    training_step(m, reg, *batch(DT, seed=7)[:1], None, opt, None, extras=batch(DT, seed=7)[1])
+    ctx = real_backward(m, reg, opt, *batch(DT))
+    diff = flat(reg.compute_meta_gradient(ctx).grads)
+    reg.backbone_tangent = "jvp"
+    exact = flat(reg.compute_meta_gradient(ctx).grads)
+    cos = float(diff @ exact / (diff.norm() * exact.norm()))
+    assert cos >= 0.9999 and float((diff - exact).norm() / exact.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("case", [dict(), dict(meta_objective="weighted", virtual_step="sgd", virtual_lr=0.5)],
+                         ids=["default", "weighted-sgd"])
+def test_order_official_is_the_meta_gradient_after_the_encoder_step(case):
+    """order=official: after the real step, at θ_{t+1}, a fresh inner gradient (engine exact
+    second order), against the finite-difference reference from θ_{t+1}; training_step assigns it."""
+    m, reg = make(dtype=DT, order="official", meta_optimizer="sgd", meta_lr=0.5, meta_momentum=0.0, meta_weight_decay=0.0, **case)
+    randomize_semantic(reg)
+    opt = encoder_opt(m, reg, lr=0.3)
+    views, extras = batch(DT)
+    m_ref, reg_ref, opt_ref = copy.deepcopy((m, reg, opt))
+    real_backward(m_ref, reg_ref, opt_ref, views, extras)
+    opt_ref.step()  # θ_{t+1}
+    ctx = StepContext(method=m_ref, views=views, extras=dict(extras), encoder_optimizer=opt_ref, lr=opt_ref.param_groups[0]["lr"])
+    expected = reg_ref.compute_meta_gradient(ctx).grads
+    g = torch.Generator().manual_seed(2)
+    direction = {n: torch.randn(p.shape, generator=g, dtype=DT) for n, p in reg_ref.semantic.named_parameters()}
+    ref = reference_directional(m_ref, reg_ref, opt_ref, views, extras, direction, reg_ref.outer_weighted, plain_lr=case.get("virtual_lr"))
+    got = sum(float((expected["semantic." + n] * d).sum()) for n, d in direction.items())
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-10) and abs(ref) > 1e-6
+    logs = training_step(m, reg, views, None, opt, reg.configure_meta_optimizer(10)[0], extras=extras)
+    for n, p in reg.semantic.named_parameters():
+        torch.testing.assert_close(p.grad, expected["semantic." + n])
+    assert "meta/outer_loss" in logs
+    with pytest.raises(RuntimeError, match="before_encoder_step, which did not run"):
+        make(dtype=DT)[1].meta_step(ctx)
 
 
 def test_training_step_assigns_the_meta_gradient_and_leaves_the_encoder_alone():

@@ -90,6 +90,8 @@ def test_registry_config_and_paper_preset():
         (dict(schedule="fast"), "schedule must be one of"),
         (dict(schedule="original"), "second encoder optimizer step"),
         (dict(schedule="v2"), "use schedule=v1"),
+        (dict(order="before"), "order must be one of reuse, official"),
+        (dict(tangent_radius=0.0), "tangent_radius must be positive"),
         (dict(gamma=-1.0), "gamma must be positive"),
         (dict(loss_scale=0.0), "loss_scale"),
         (dict(delta_margin=1.5), "delta_margin"),
@@ -253,7 +255,7 @@ def theta_prime_of(m, reg, views, lr):
 @pytest.mark.parametrize("method", ["simclr", "moco_v2", "byol"])
 def test_meta_gradient_matches_finite_differences(method):
     lr = 0.3
-    m, reg = make(method, DT, weight_gen=0.5, weight_mi=0.5, margin_pos_weight=1.0, virtual_lr=lr)
+    m, reg = make(method, DT, weight_gen=0.5, weight_mi=0.5, margin_pos_weight=1.0, virtual_lr=lr, order="official")
     opt = encoder_opt(m)
     training_step(m, reg, views_for(DT, seed=7), None, opt, None)  # real optimizer state, moved weights
     views = views_for(DT)
@@ -311,8 +313,9 @@ def test_forward_over_reverse_equals_reverse(method):
         torch.testing.assert_close(fwd[k], rev[k], rtol=1e-9, atol=1e-12)
 
 
-def test_meta_step_leaves_state_untouched():
-    m, reg = make("moco_v2", weight_gen=0.5)
+@pytest.mark.parametrize("order", ["reuse", "official"])
+def test_meta_step_leaves_state_untouched(order):
+    m, reg = make("moco_v2", weight_gen=0.5, order=order)
     opt = encoder_opt(m)
     training_step(m, reg, views_for(seed=3), None, opt, None)
     ctx = context(m, opt, views_for())
@@ -335,10 +338,10 @@ def test_meta_step_leaves_state_untouched():
         assert torch.equal(s["momentum_buffer"], state[id(p)])
 
 
-def test_training_step_runs_v1_and_assigns_the_meta_gradient():
+def test_training_step_runs_v1_official_and_assigns_the_meta_gradient():
     """Encoder step first, then the meta-gradient at the *updated* weights, assigned to .grad
     (nothing of the encoder objective leaks in), then one generator SGD step."""
-    m, reg = make("simclr", weight_gen=0.5, weight_mi=0.5, meta_momentum=0.0, meta_weight_decay=0.0, meta_lr=0.7)
+    m, reg = make("simclr", weight_gen=0.5, weight_mi=0.5, meta_momentum=0.0, meta_weight_decay=0.0, meta_lr=0.7, order="official")
     opt = encoder_opt(m)
     meta_opt, _ = reg.configure_meta_optimizer(10)
     views = views_for()
@@ -354,6 +357,122 @@ def test_training_step_runs_v1_and_assigns_the_meta_gradient():
         torch.testing.assert_close(p.detach(), phi0[k] - 0.7 * expected[k])
     for k in ("loss_base", "loss_gen", "loss_mi", "meta/outer_loss", "meta/grad_norm", "reg/sim_gen_pos"):
         assert k in logs
+
+
+# -- order=reuse: the meta step at θ_t from the real step ------------------------------------------------------
+def real_step_context(m, reg, opt, views):
+    """The context of a real step up to ``before_encoder_step``: forward, backward, no optimizer step."""
+    ctx = context(m, opt, views)
+    opt.zero_grad(set_to_none=True)
+    encoder_objective(m, reg, views, ctx=ctx)[0].backward()
+    return ctx
+
+
+def full_fd_gradient(m, reg, views, lr, h=1e-5):
+    """Central differences over every generator weight of L(θ_t − lr ∇θ L(θ_t, φ), φ)."""
+    phi0 = parameters_to_vector(reg.meta_parameters()).detach()
+    fd = torch.zeros_like(phi0)
+    for j in range(phi0.numel()):
+        e = torch.zeros_like(phi0)
+        e[j] = h
+        fd[j] = (stepped_objective(m, reg, views, phi0 + e, lr) - stepped_objective(m, reg, views, phi0 - e, lr)) / (2 * h)
+    return fd
+
+
+def cosine(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco_v2"])
+def test_reuse_meta_gradient_is_the_exact_bilevel_gradient_at_theta_t(method):
+    """order=reuse (real gradient, output-difference tangent) equals central differences over all
+    of φ of L(θ_t − η_in ∇θ L(θ_t, φ), φ), computed on deep copies by autograd and a manual step."""
+    lr = 0.3
+    m, reg = make(method, DT, weight_gen=0.5, weight_mi=0.5, margin_pos_weight=1.0, virtual_lr=lr, generator_hidden_dim=4)
+    opt = encoder_opt(m)
+    training_step(m, reg, views_for(DT, seed=7), None, opt, reg.configure_meta_optimizer(10)[0])  # moved weights, state
+    views = views_for(DT)
+    ctx = real_step_context(m, reg, opt, views)
+    result = reg.compute_meta_gradient(ctx)
+    reuse = parameters_to_vector(list(result.grads.values()))
+    fd = full_fd_gradient(m, reg, views, lr)
+    first = parameters_to_vector(list(result.first_order.values()))
+    assert cosine(reuse, fd) >= 0.9999 and float((reuse - fd).norm() / fd.norm()) < 1e-3
+    assert float((first - fd).norm() / fd.norm()) > 0.05  # the second-order term is not negligible here
+    # the same at θ_t by the engine's exact forward-over-reverse (fresh gradient): the tangent error
+    exact = parameters_to_vector(list(reg.compute_meta_gradient(ctx, "official").grads.values()))
+    assert float((exact - fd).norm() / fd.norm()) < 1e-5
+    err = float((reuse - exact).norm() / exact.norm())
+    reg.tangent_radius = 1e-7
+    finer = parameters_to_vector(list(reg.compute_meta_gradient(ctx).grads.values()))
+    assert float((finer - exact).norm() / exact.norm()) < err / 20  # one-sided difference: linear in the radius
+
+
+@pytest.mark.parametrize("method", ["byol", "vicreg"])
+def test_reuse_matches_the_exact_term_for_target_bases(method):
+    lr = 0.3
+    m, reg = make(method, DT, weight_gen=0.5, weight_mi=0.5, virtual_lr=lr)
+    ctx = real_step_context(m, reg, encoder_opt(m), views_for(DT))
+    reuse = parameters_to_vector(list(reg.compute_meta_gradient(ctx).grads.values()))
+    exact = parameters_to_vector(list(reg.compute_meta_gradient(ctx, "official").grads.values()))
+    assert cosine(reuse, exact) >= 0.9999 and float((reuse - exact).norm() / exact.norm()) < 1e-3
+
+
+def test_training_step_reuse_takes_the_meta_gradient_before_the_encoder_step():
+    m, reg = make("moco_v2", weight_gen=0.5, weight_mi=0.5, meta_momentum=0.0, meta_weight_decay=0.0, meta_lr=0.7)
+    assert reg.order == "reuse"
+    opt = encoder_opt(m)
+    meta_opt, _ = reg.configure_meta_optimizer(10)
+    views = views_for()
+    m_ref, reg_ref, opt_ref = copy.deepcopy((m, reg, opt))
+    expected = reg_ref.compute_meta_gradient(real_step_context(m_ref, reg_ref, opt_ref, views)).grads
+    phi0 = {k: p.detach().clone() for k, p in reg.named_meta_parameters().items()}
+    theta0 = parameters_to_vector(m.trainable_parameters()).detach().clone()
+    logs = training_step(m, reg, views, None, opt, meta_opt)
+    for k, p in reg.named_meta_parameters().items():
+        torch.testing.assert_close(p.grad, expected[k])
+        torch.testing.assert_close(p.detach(), phi0[k] - 0.7 * expected[k])
+    assert not torch.equal(parameters_to_vector(m.trainable_parameters()).detach(), theta0)
+    assert logs["meta/grad_norm"] > 0 and "meta/second_order_norm" in logs
+
+
+def test_reuse_needs_the_real_step():
+    m, reg = make("simclr")
+    opt = encoder_opt(m)
+    with pytest.raises(RuntimeError, match="use order=official"):
+        reg.compute_meta_gradient(context(m, opt, views_for()))
+    with pytest.raises(RuntimeError, match="before_encoder_step, which did not run"):
+        reg.meta_step(context(m, opt, views_for()))
+
+
+@pytest.mark.parametrize("mode", ["first_order", "finite_difference"])
+def test_reuse_other_grad_modes_agree_with_official_at_theta_t(mode):
+    m, reg = make("simclr", DT, weight_gen=0.5, weight_mi=0.5, virtual_lr=0.3, grad_mode=mode, fd_radius=1e-5)
+    ctx = real_step_context(m, reg, encoder_opt(m), views_for(DT))
+    reuse = parameters_to_vector(list(reg.compute_meta_gradient(ctx).grads.values()))
+    official = parameters_to_vector(list(reg.compute_meta_gradient(ctx, "official").grads.values()))
+    torch.testing.assert_close(reuse, official, rtol=1e-7, atol=1e-10)
+
+
+def test_reuse_under_bf16_uses_a_full_precision_base_point():
+    """Under autocast the real outputs are bf16: the difference's base point is a fresh fp32
+    forward (with the bf16 outputs as base point the tangent is rounding noise: cosine 0.3 to
+    the fp32 result, measured).  The result agrees with the exact term at θ_t under the same
+    autocast (the bf16 inner gradient is what separates both from fp32 here)."""
+    m, reg = make("simclr", weight_gen=0.5, weight_mi=0.5, virtual_lr=0.3)
+    opt = encoder_opt(m)
+    views = views_for()
+    ctx32 = real_step_context(m, reg, opt, views)
+    fp32 = parameters_to_vector(list(reg.compute_meta_gradient(ctx32).grads.values()))
+    fp32_exact = parameters_to_vector(list(reg.compute_meta_gradient(ctx32, "official").grads.values()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ctx = real_step_context(m, reg, opt, views)
+        assert ctx.out["z"][0].dtype == torch.bfloat16
+        assert reg._full_precision_out(ctx, next(m.parameters())) is None
+        bf16 = parameters_to_vector(list(reg.compute_meta_gradient(ctx).grads.values()))
+        bf16_exact = parameters_to_vector(list(reg.compute_meta_gradient(ctx, "official").grads.values()))
+    assert bf16.dtype == torch.float32 and cosine(bf16, bf16_exact) > 0.995
+    assert abs(cosine(bf16, fp32) - cosine(bf16_exact, fp32_exact)) < 0.02
 
 
 def test_moco_queue_only_ever_holds_real_keys(monkeypatch):

@@ -30,7 +30,13 @@ Encoder objective (weights ``weight_base``, ``β = weight_do``)::
   co-adapts to the weights and its plain features lose kNN accuracy, docs/algorithms.md §5.5);
   ``auto``: plain, but weighted for ``grad_mode=first_order`` (whose meta-gradient of the plain
   objective is identically zero).  Exact second order (forward-over-reverse) by default,
-  ``first_order`` and ``finite_difference`` as MetaMask.
+  ``first_order`` and ``finite_difference`` as MetaMask.  ``order`` [``reuse``] as
+  MetaMask's: ``reuse`` = the step above, before the encoder step, whose exact mixed term
+  (``backbone_tangent`` [``difference``]) takes the backbone only through a one-sided
+  difference of its features along the virtual direction (relative radius ``tangent_radius``
+  [1e-5]; one no-grad backbone forward, :mod:`metassl.regularizers.iclmsr_meta`), the heads
+  exact; ``jvp``: forward-mode through the whole network.  ``official``: the loop of the
+  authors' MetAug/MetaMask code, after the encoder step at ``θ_{t+1}`` with a fresh gradient.
 - the per-sample weights depend on the batch, which ``transform_features(h)`` does not see:
   ``prepare_views`` computes them from ``ctx.extras["clean"]`` and they hold for that step's
   forward (cleared after ``objective``); the meta passes compute them functionally from ψ's
@@ -78,12 +84,18 @@ from metassl.regularizers.confounder_dictionary import (
     EMADictionary,
     LearnedDictionary,
 )
+from metassl.regularizers.iclmsr_meta import (
+    META_PREFIX,
+    backbone_tangent_term,
+    loss_functions,
+    weigh,
+)
 
 __all__ = ["ICLMSR", "FrozenIntervention", "SemanticWeightNet", "weigh"]
 
 DICTIONARIES = ("ema", "learned")
 META_OBJECTIVES = ("auto", "plain", "weighted")
-_META_PREFIX = "semantic."
+ORDERS = ("reuse", "official")
 
 
 class SemanticWeightNet(nn.Module):
@@ -107,18 +119,6 @@ class SemanticWeightNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return 2 * torch.sigmoid(self.logits(self.features(x)))
-
-
-def weigh(h: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """``h ⊙ w`` (``w`` None: ``h``); one clear error when the batch does not line up."""
-    if w is None:
-        return h
-    if w.shape != h.shape:
-        raise ValueError(
-            f"iclmsr: semantic weights {tuple(w.shape)} do not match the features {tuple(h.shape)}: the clean images "
-            "must be the batch's samples in the views' order"
-        )
-    return h * w.to(h.dtype)
 
 
 class FrozenIntervention(nn.Module):
@@ -165,6 +165,9 @@ class ICLMSR(BilevelRegularizer):
         semantic_hidden_dim: int = 32,
         eval_intervention: bool = False,
         meta_objective: str = "auto",
+        order: str = "reuse",
+        backbone_tangent: str = "difference",
+        tangent_radius: float = 1e-5,
         grad_mode: str = "second_order",
         fd_scheme: str = "central",
         fd_radius: float = 1e-2,
@@ -186,8 +189,11 @@ class ICLMSR(BilevelRegularizer):
             raise ValueError("iclmsr: adjustment and semantic_regularizer are both false, which is regularizer=none; enable one")
         check_choices(
             "iclmsr", dictionary=(dictionary, DICTIONARIES), prior=(prior, PRIORS), attention=(attention, ATTENTIONS),
-            meta_objective=(meta_objective, META_OBJECTIVES),
+            meta_objective=(meta_objective, META_OBJECTIVES), order=(order, ORDERS),
+            backbone_tangent=(backbone_tangent, ("difference", "jvp")),
         )
+        if tangent_radius <= 0:
+            raise ValueError(f"iclmsr: tangent_radius must be positive (relative radius of the feature difference), got {tangent_radius}")
         if meta_objective == "plain" and grad_mode == "first_order":
             raise ValueError("iclmsr: grad_mode=first_order of meta_objective=plain is identically zero (psi reaches the plain "
                              "objective only through the virtual step); use second_order, finite_difference or meta_objective=weighted")
@@ -209,6 +215,7 @@ class ICLMSR(BilevelRegularizer):
         self.dictionary_momentum, self.dead_threshold = float(dictionary_momentum), float(dead_threshold)
         self.eval_intervention = bool(eval_intervention)
         self.meta_objective = meta_objective
+        self.order, self.backbone_tangent, self.tangent_radius = order, backbone_tangent, float(tangent_radius)
         #: a meta step only with the semantic regularizer (instance value shadows the class flag)
         self.bilevel = self.use_semantic
         self.dictionary: EMADictionary | LearnedDictionary | None = None
@@ -235,7 +242,7 @@ class ICLMSR(BilevelRegularizer):
             raise RuntimeError("ICLMSR.setup(method) has not been called (use build_regularizer)")
         if self.semantic is None:
             return {}
-        return {_META_PREFIX + n: p for n, p in self.semantic.named_parameters()}
+        return {META_PREFIX + n: p for n, p in self.semantic.named_parameters()}
 
     # -- the semantic weights ------------------------------------------------------------------
     def clean_images(self, ctx: StepContext, views: list[torch.Tensor]) -> torch.Tensor:
@@ -315,51 +322,41 @@ class ICLMSR(BilevelRegularizer):
         """Whether the outer objective applies ψ's weights (``meta_objective``, resolved)."""
         return self.meta_objective == "weighted" or (self.meta_objective == "auto" and self.grad_mode == "first_order")
 
-    def _loss_fns(self, method: Method, views: list[torch.Tensor], clean: torch.Tensor):
-        """The outer ``L_base(θ)`` (``outer_weighted``: ``L_base(θ, ψ)``) and the inner
-        ``L_enc(θ, ψ)`` as pure functions of parameter dicts; parameters not passed enter
-        detached at their current values."""
-        fixed = {n: p.detach() for n, p in method.named_parameters()}
-        weighted = self.outer_weighted
-        own_fixed = {n: p.detach() for n, p in self.named_encoder_parameters()}
-
-        def loss(params, meta, inner: bool):
-            method_params, own_params = self.split_own(params)
-            mp, own = {**fixed, **method_params}, {**own_fixed, **own_params}
-            w = None
-            if inner or weighted:
-                w = functional_call(self.semantic, {n[len(_META_PREFIX):]: t for n, t in meta.items()}, (clean,))
-            call = lambda vs, ft: functional_call(method, mp, (vs,), {"feature_transform": ft})
-            out = call(views, lambda h: weigh(h, w))
-            if not inner:
-                return method.loss(out)
-            total = self.weight_base * method.loss(out)
-            if self.adjustment is not None:
-                total = total + self.weight_do * method.loss(self.intervened_output(method, call, views, out["h"], w, own))
-            return total
-
-        return (lambda p, m: loss(p, m, False)), (lambda p, m: loss(p, m, True))
-
-    def compute_meta_gradient(self, ctx: StepContext) -> MetaGradient:
-        """ψ's meta-gradient from ``θ_t`` through the real step (module docstring); must run
-        before the encoder optimizer steps (``.grad`` holds the real gradient of ``L_enc``)."""
+    def compute_meta_gradient(self, ctx: StepContext, order: str | None = None) -> MetaGradient:
+        """ψ's meta-gradient for ``order`` (default ``self.order``; module docstring): ``reuse``
+        from ``θ_t`` through the real step (``.grad`` holds the real gradient of ``L_enc``: must
+        run before the encoder optimizer steps); ``official`` at the current weights with a
+        fresh inner gradient (after the encoder step)."""
+        order = order or self.order
+        check_choices("iclmsr", order=(order, ORDERS))
         method = ctx.method
         params = self.virtual_parameters(method)
         ref = next(iter(params.values()))
-        cast = lambda t: t.to(ref.dtype) if t.is_floating_point() and t.dtype != ref.dtype else t
+        cast = lambda t: t.to(ref.dtype) if t.is_floating_point() and t.dtype != ref.dtype else t  # noqa: E731
         views = [cast(v) for v in ctx.views]
         clean = cast(self.clean_images(ctx, views))
-        outer, inner = self._loss_fns(method, views, clean)
-        return self.meta_gradient(ctx, params, outer, inner, inner_grads=self.real_gradients(params, ctx))
+        outer, inner, inner_at = loss_functions(self, method, views, clean)
+        if order == "official":
+            return self.meta_gradient(ctx, params, outer, inner)
+        kw: dict[str, Any] = {}
+        if self.grad_mode == "second_order" and self.backbone_tangent == "difference":
+            autocast = torch.is_autocast_enabled(ref.device.type) or torch.is_autocast_enabled("cpu")
+            real_h = ctx.out.get("h") if ctx.out else None
+            exact = real_h is not None and not autocast and all(h.dtype == ref.dtype for h in real_h)
+            base = [h.detach() for h in real_h] if exact else None  # else: one full-precision backbone forward
+            kw["second_order_term"] = backbone_tangent_term(method, views, inner_at, base, self.tangent_radius)
+        return self.meta_gradient(ctx, params, outer, inner, inner_grads=self.real_gradients(params, ctx), **kw)
 
     def before_encoder_step(self, ctx: StepContext) -> None:
-        if self.bilevel:
-            ctx.cache["iclmsr"] = self.compute_meta_gradient(ctx)
+        if self.bilevel and self.order == "reuse":
+            ctx.cache["iclmsr"] = self.compute_meta_gradient(ctx, "reuse")
 
     def meta_step(self, ctx: StepContext) -> dict[str, float]:
         result = ctx.cache.pop("iclmsr", None)
         if result is None:
-            raise RuntimeError("iclmsr computes the meta-gradient in before_encoder_step, which did not run")
+            if self.order == "reuse":
+                raise RuntimeError("iclmsr order='reuse' computes the meta-gradient in before_encoder_step, which did not run")
+            result = self.compute_meta_gradient(ctx, "official")
         return self.assign_meta_grads(result)
 
     # -- per-step updates, evaluation, reporting ---------------------------------------------------

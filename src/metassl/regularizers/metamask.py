@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +80,14 @@ from torch import nn
 from torch.func import functional_call
 
 from metassl.losses import barlow_twins_loss
-from metassl.meta import MetaGradient, full_precision_context, inner_meta_grad, meta_pass_context, replay_features
-from metassl.meta.second_order import global_norm
+from metassl.meta import (
+    MetaGradient,
+    inner_meta_grad,
+    meta_pass_context,
+    replay_features,
+)
 from metassl.meta.bilevel import BilevelRegularizer, blocked
+from metassl.meta.feature_tangent import feature_tangent_term
 from metassl.methods.base import Method
 from metassl.models.heads import ProjectionHead
 from metassl.regularizers.base import StepContext, check_choices, register_regularizer
@@ -268,38 +272,17 @@ class MetaMask(BilevelRegularizer):
         ``J_bb u_bb`` is a one-sided difference of backbone features
         ``(h(θ + εu) - h(θ)) / ε``, ``ε = tangent_radius · ‖θ_bb‖ / ‖u_bb‖`` (one no-grad
         backbone forward; its base point is the real forward's features when those are
-        full precision, else one more forward).  The head part is an exact jvp."""
-        backbone_names = None
+        full precision, else one more forward).  The head part is an exact jvp
+        (:func:`metassl.meta.feature_tangent.feature_tangent_term`)."""
+        # used only when the backbone takes part in the second-order term: L_drr moves with it
+        def features(bb):
+            return [functional_call(method.backbone, {k[len("backbone."):]: v for k, v in bb.items()}, (x,)).flatten(1) for x in views]
 
-        def term(theta, meta, u):
-            nonlocal backbone_names
-            bb = {k[len("backbone."):]: theta[k] for k in theta if _is_backbone(k)}
-            ub = {k[len("backbone."):]: u[k] for k in u if _is_backbone(k)}
-            rest = {k: theta[k] for k in theta if not _is_backbone(k)}
-            u_rest = {k: u[k] for k in rest}
-            device = next(iter(theta.values())).device
-            with torch.no_grad(), full_precision_context(device):
-                w_norm, u_norm = global_norm(bb), global_norm(ub)
-                if u_norm == 0.0:
-                    dh = [torch.zeros_like(h) for h in replay_h]
-                else:
-                    eps = self.tangent_radius * max(w_norm, 1e-12) / u_norm
-                    shifted = {k: bb[k] + eps * ub[k] for k in bb}
-                    h_plus = [functional_call(method.backbone, shifted, (x,)).flatten(1) for x in views]
-                    h0 = replay_h if exact_base else [functional_call(method.backbone, bb, (x,)).flatten(1) for x in views]
-                    dh = [(hp - b.to(hp.dtype)) / eps for hp, b in zip(h_plus, h0)]
-            base = [h.to(dh[0].dtype) for h in replay_h]
-            drr = bool(ub) or any(k.startswith("reg.") for k in rest)
+        def head(rest, feats, meta):
+            return inner_at(rest, meta, list(feats), True)
 
-            def grad_w(rest_params, feats):
-                return torch.func.grad(lambda phi: inner_at(rest_params, phi, list(feats), drr))(meta)
-
-            with torch.no_grad(), warnings.catch_warnings(), full_precision_context(device):
-                warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-                _, tangent = torch.func.jvp(grad_w, (rest, tuple(base)), (u_rest, tuple(dh)))
-            return {k: t.detach() for k, t in tangent.items()}
-
-        return term
+        base = list(replay_h) if exact_base else None
+        return feature_tangent_term(features, head, _is_backbone, self.tangent_radius, base)
 
     def compute_meta_gradient(self, ctx: StepContext, order: str | None = None) -> MetaGradient:
         """The mask's meta-gradient for ``order`` (default ``self.order``); see module

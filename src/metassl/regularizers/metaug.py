@@ -20,11 +20,28 @@ for the encoder and, through the meta step, for the generators (§4.4)::
 
 Schedule ``v1`` (the official current loop): the encoder step on ``L`` with the generators
 frozen (they enter through :func:`metassl.meta.bilevel.blocked`: values used, zero gradient;
-the encoder still gets the gradient *through* them), then, at the new weights ``θ``, the
-generators' meta step on ``d L(θ'(φ), φ) / dφ`` with the plain-SGD virtual step
-``θ' = θ − η_in ∇θ L(θ, φ)`` (``virtual_lr`` η_in = 1e-3), exact second order by default
-(``grad_mode``: second_order | first_order | finite_difference, as MetaMask).  ``original`` and
-``v2`` take a second *encoder* step per iteration, which the engine does not run: refused.
+the encoder still gets the gradient *through* them), and the generators' meta step on
+``d L(θ'(φ), φ) / dφ`` with the plain-SGD virtual step ``θ' = θ − η_in ∇θ L(θ, φ)``
+(``virtual_lr`` η_in = 1e-3), exact second order by default (``grad_mode``: second_order |
+first_order | finite_difference, as MetaMask).  ``original`` and ``v2`` take a second *encoder*
+step per iteration, which the engine does not run: refused.
+
+``order`` says where the meta step sits (§4.5):
+
+- ``official``: as the official loop, after the encoder step, at ``θ_{t+1}``, with a fresh
+  ``∇θ L(θ_{t+1}, φ)`` (one more forward + backward) and the exact mixed term through the
+  whole network (forward-over-reverse).
+- ``reuse`` (default, **our deviation**): before the encoder step, at ``θ_t`` on the same
+  batch; the inner gradient is the real step's gradient of ``L`` (already in ``.grad``: no
+  fresh forward + backward), so the meta-gradient is taken one encoder step earlier than in
+  the official loop.  The generators read only the network's outputs (the queries), so the
+  exact mixed term needs the network only through its tangent along the virtual direction
+  ``u``: a one-sided difference of the outputs at relative radius ``tangent_radius``
+  (one no-grad forward, :mod:`metassl.meta.feature_tangent`; its base point is the real
+  forward's outputs in fp32, one more full-precision forward under autocast), with the
+  generator-level part an exact jvp.  Keys from a momentum encoder or the queue do not move.
+  Passes beyond the real step: outer forward + backward at ``θ'`` and one or two no-grad
+  forwards (measured cost: docs/algorithms.md §4.5).
 
 Official weights ``weight_gen = 1e-5``, ``weight_mi = 1e-11`` and generator SGD (0.03, momentum
 0.9, wd 1e-4, constant) are the defaults.  At these weights the generated terms are about 1e-5
@@ -45,9 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves, tree_map
 
-from metassl.losses.unified import MARGIN_TYPES, margin_injection_loss, unified_contrastive_loss
+from metassl.losses.unified import (
+    MARGIN_TYPES,
+    margin_injection_loss,
+    unified_contrastive_loss,
+)
 from metassl.meta.bilevel import BilevelRegularizer, blocked
+from metassl.meta.feature_tangent import feature_tangent_term
 from metassl.methods.base import Method
 from metassl.models.heads import ProjectionHead
 from metassl.regularizers.base import StepContext, register_regularizer
@@ -64,6 +87,7 @@ from metassl.regularizers.metaug_scores import (
 __all__ = ["FeatureGenerator", "MetAug"]
 
 SCHEDULES = ("v1", "original", "v2")
+ORDERS = ("reuse", "official")
 
 
 class FeatureGenerator(nn.Module):
@@ -113,6 +137,8 @@ class MetAug(BilevelRegularizer):
         generator_hidden_dim: int = 2048,
         generator_num_layers: int = 3,
         schedule: str = "v1",
+        order: str = "reuse",
+        tangent_radius: float = 1e-5,
         grad_mode: str = "second_order",
         fd_scheme: str = "central",
         fd_radius: float = 1e-2,
@@ -142,6 +168,9 @@ class MetAug(BilevelRegularizer):
         _check(schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
         _check(schedule == "v1", f"schedule={schedule} takes a second encoder optimizer step per iteration (on dL(theta'(theta), phi)/dtheta), "
                "which the engine does not run (metassl.engine.step takes one); use schedule=v1")
+        _check(order in ORDERS, f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+        _check(tangent_radius > 0, f"tangent_radius must be positive (relative radius of the output difference), got {tangent_radius}")
+        self.order, self.tangent_radius = order, float(tangent_radius)
         self.weight_gen, self.weight_mi = float(weight_gen), float(weight_mi)
         self.gamma = None if gamma is None else float(gamma)
         self.loss_scale = None if loss_scale is None else float(loss_scale)
@@ -182,16 +211,19 @@ class MetAug(BilevelRegularizer):
             out.append(functional_call(gen, own, (queries[v],)))
         return torch.stack(out)
 
-    def terms(self, method: Method, out: dict[str, Any], meta: dict[str, torch.Tensor]):
+    def terms(self, method: Method, out: dict[str, Any], meta: dict[str, torch.Tensor], with_base: bool = True):
         """``({"base", "gen", "mi"}, scores)``: the weighted terms of ``L`` (module docstring) and
-        the cosine scores they were computed from."""
+        the cosine scores they were computed from (``with_base=False``: ``base`` is 0, e.g. for
+        ∇φ, which it does not depend on)."""
         layout = layout_for(method, out)
         real_pos, real_neg = layout_scores(layout)
         generated = self.generate(layout.queries, meta)
         gen_pos, gen_neg = layout_scores(layout, generated)
         kw = dict(gamma=self.gamma_in_use, margin=self.delta_margin, neg_mask=layout.neg_mask, scale=self.loss_scale)
-        base = unified_contrastive_loss(real_pos, real_neg, **kw) if self.contrastive_base else method.loss(out)
         zero = real_pos.new_zeros(())
+        base = zero
+        if with_base:
+            base = unified_contrastive_loss(real_pos, real_neg, **kw) if self.contrastive_base else method.loss(out)
         gen = zero
         if self.weight_gen:
             rows = unified_contrastive_loss(gen_pos, gen_neg, reduction="none", **kw)  # (V, n)
@@ -225,14 +257,65 @@ class MetAug(BilevelRegularizer):
         return loss
 
     # -- meta step (schedule v1) --------------------------------------------------------------
-    def compute_meta_gradient(self, ctx: StepContext):
-        """``d L(θ'(φ), φ) / dφ`` at the current encoder weights, ``θ' = θ − η_in ∇θ L(θ, φ)``
-        (``virtual_step``), the same ``L`` inside and outside (§4.5)."""
-        loss = self.loss_function(ctx.method, ctx.views)
-        return self.meta_gradient(ctx, self.virtual_parameters(ctx.method), loss, loss)
+    def compute_meta_gradient(self, ctx: StepContext, order: str | None = None):
+        """``d L(θ'(φ), φ) / dφ``, ``θ' = θ − η_in ∇θ L(θ, φ)`` (``virtual_step``), the same ``L``
+        inside and outside (§4.5), for ``order`` (default ``self.order``; module docstring):
+        ``official`` at the current weights with a fresh inner gradient; ``reuse`` at ``θ_t``
+        from the real step (``.grad``, ``ctx.out``): must run before the encoder step."""
+        order = order or self.order
+        _check(order in ORDERS, f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+        method, params = ctx.method, self.virtual_parameters(ctx.method)
+        if order == "official":
+            loss = self.loss_function(method, ctx.views)
+            return self.meta_gradient(ctx, params, loss, loss)
+        grads = self.real_gradients(params, ctx)
+        if not ctx.out or all(g is None for g in grads.values()):
+            raise RuntimeError("metaug order='reuse' needs the real step's forward (ctx.out) and gradient (.grad): "
+                               "it runs in before_encoder_step; use order=official to call it elsewhere")
+        ref = next(iter(params.values()))
+        views = [v.to(ref.dtype) if v.is_floating_point() and v.dtype != ref.dtype else v for v in ctx.views]
+        loss = self.loss_function(method, views)
+        kw: dict[str, Any] = {}
+        if self.grad_mode == "second_order":
+            kw["second_order_term"] = self._output_tangent_term(method, views, self._full_precision_out(ctx, ref))
+        return self.meta_gradient(ctx, params, loss, loss, inner_grads=grads, **kw)
+
+    def _output_tangent_term(self, method: Method, views: list[torch.Tensor], base: dict[str, Any] | None):
+        """``D_u ∇φ L`` through the tangent of the method's outputs (the generators read only
+        them): :func:`metassl.meta.feature_tangent.feature_tangent_term` with the whole method
+        as the network part and ``gen + mi`` as the head (``base`` has no φ in it)."""
+        fixed = {n: p.detach() for n, p in method.named_parameters()}
+
+        def features(params):
+            return functional_call(method, {**fixed, **params}, (views,))
+
+        def head(_rest, out, meta):
+            terms, _ = self.terms(method, out, meta, with_base=False)
+            return terms["gen"] + terms["mi"]
+
+        return feature_tangent_term(features, head, lambda _name: True, self.tangent_radius, base)
+
+    @staticmethod
+    def _full_precision_out(ctx: StepContext, ref: torch.Tensor) -> dict[str, Any] | None:
+        """The real forward's outputs (detached) when it ran without autocast in the parameters'
+        dtype (then they are the difference's base point), else ``None`` (one more forward)."""
+        autocast = torch.is_autocast_enabled(ref.device.type) or torch.is_autocast_enabled("cpu")
+        leaves = [x for x in tree_leaves(ctx.out) if torch.is_tensor(x) and x.is_floating_point()]
+        if autocast or any(x.dtype != ref.dtype for x in leaves):
+            return None
+        return tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, ctx.out)
+
+    def before_encoder_step(self, ctx: StepContext) -> None:
+        if self.order == "reuse":
+            ctx.cache["metaug"] = self.compute_meta_gradient(ctx, "reuse")
 
     def meta_step(self, ctx: StepContext) -> dict[str, float]:
-        return self.assign_meta_grads(self.compute_meta_gradient(ctx))
+        result = ctx.cache.pop("metaug", None)
+        if result is None:
+            if self.order == "reuse":
+                raise RuntimeError("metaug order='reuse' computes the meta-gradient in before_encoder_step, which did not run")
+            result = self.compute_meta_gradient(ctx, "official")
+        return self.assign_meta_grads(result)
 
     # -- reporting ----------------------------------------------------------------------------
     STAT_NAMES = ("sim_real_pos", "sim_gen_pos", "sim_real_neg", "sim_gen_neg", "sim_real_hardest_neg",

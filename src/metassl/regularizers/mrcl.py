@@ -26,7 +26,9 @@ with ``contrastive_input=masked`` it encodes the masked view too (its key / targ
 comes from the masked image); its parameters get no gradient, and the decoder only reads the
 online map.  Data parallelism: every mask is drawn per sample (leading dimension the local
 batch) and ``L_rec`` is a mean of per-sample means, so the mean over ranks of the per-rank
-losses is the loss of the global batch (§1.8).
+losses is the loss of the global batch (§1.8); with ``rec_fraction < 1`` each rank reconstructs
+the first ``ceil(rec_fraction · B_local)`` of its own batch, a random subset of the same law but
+not the same samples as one process with the global batch.
 """
 
 from __future__ import annotations
