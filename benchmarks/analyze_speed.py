@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="folder for the decoded-image cache (default: a temporary folder)")
+    ap.add_argument("--no-warm", action="store_true", help="skip the warm-up run (the --cache folder already holds the decoded images)")
     ap.add_argument("--out", default=str(HERE / "analyze_speed.json"))
     args = ap.parse_args(argv)
     root = Path(args.root).expanduser().resolve()
@@ -97,14 +98,23 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = Path(tmp) / "resnet18_random.pt" if exported else Path(args.ckpt)
         if exported:
             export_random_resnet18(ckpt, args.seed)
-        t0 = time.perf_counter()  # warm the decoded-image cache (untimed in the rows)
-        warm = run_row(ckpt, root, max(b for b, _ in rows_spec), "bf16", cache, args.threads, exported)
-        warm_s = time.perf_counter() - t0
+        warm, warm_s = None, None
+        if not args.no_warm:  # warm the decoded-image cache (untimed in the rows)
+            t0 = time.perf_counter()
+            warm = run_row(ckpt, root, max(b for b, _ in rows_spec), "bf16", cache, args.threads, exported)
+            warm_s = round(time.perf_counter() - t0, 1)
         rows = []
         for bank, precision in rows_spec:
             row = run_row(ckpt, root, bank, precision, cache, args.threads, exported)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "command"}), flush=True)
+            write(Path(args.out), meta, args, exported, warm, warm_s, rows, partial=len(rows) < len(rows_spec))
+    print(write(Path(args.out), meta, args, exported, warm, warm_s, rows, partial=False))
+    print(f"\nwrote {args.out}")
+
+
+def write(out: Path, meta: dict, args: argparse.Namespace, exported: bool, warm, warm_s, rows: list[dict], partial: bool) -> str:
+    """The JSON (rewritten after every row: an interrupted run keeps its finished rows) and the table."""
     lines = ["| kNN bank (train images) | extraction | test images | whole report (s) | feature extraction (s) | "
              "ablation (s) | t-SNE (s) | within 3 min | load avg before/after |", "|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
@@ -116,12 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['bank']} | {r['precision']} | {r['test']} | {r['wall_s']:.0f} | {t.get('features', 0):.0f} | "
                      f"{t.get('ablation', 0):.0f} | {t.get('embedding', 0):.0f} | {'yes' if r['wall_s'] <= 180 else 'no'} | {load} |")
     table = "\n".join(lines)
-    doc = {**meta, "threads": args.threads, "weights": "random init, seed %d" % args.seed if exported else args.ckpt,
-           "first_run_with_decode_s": round(warm_s, 1), "first_run": {k: v for k, v in warm.items() if k != "command"},
-           "rows": rows, "table": table}
-    Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(table)
-    print(f"\nwrote {args.out}")
+    doc = {**meta, "threads": args.threads, "weights": f"random init, seed {args.seed}" if exported else args.ckpt,
+           "first_run_with_decode_s": warm_s, "first_run": warm and {k: v for k, v in warm.items() if k != "command"},
+           "partial": partial, "rows_requested": args.rows, "rows": rows, "table": table}
+    out.write_text(json.dumps(doc, indent=1))
+    return table
 
 
 if __name__ == "__main__":

@@ -93,8 +93,19 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command line argparse rejects (reported as one line, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as :class:`UsageError` (one line) instead of usage text + exit."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metassl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="metassl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a method (+ regularizer); overrides as group=preset or key=value")
@@ -142,29 +153,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     if argv[:1] == ["bench"]:  # everything after `bench speed` belongs to the benchmark's own parser
         args = parser.parse_args(argv[:2])
         args.bench_args = argv[2:]
-        return args.func(args)
+        return args
     args, extra = parser.parse_known_args(argv)
     unknown = [item for item in extra if "=" not in item or item.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    return args
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors are one line on stderr, ``metassl: error: ...``: exit 2 for bad
+    input (:class:`MetasslError`, a command line argparse rejects, an OS error such as a full
+    disk), 1 for anything unexpected (a bug: ``METASSL_TRACEBACK=1`` shows the traceback)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        args = _parse(parser, argv)
         return args.func(args)
-    except MetasslError as err:
-        print(f"metassl: error: {err}", file=sys.stderr)
+    except (MetasslError, UsageError) as err:
+        print(f"metassl: error: {_one_line(err)}", file=sys.stderr)
+        if os.environ.get("METASSL_TRACEBACK"):
+            raise
+        return 2
+    except OSError as err:  # a full disk, a read-only or vanished folder, outside the checks made up front
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"metassl: error: {err.strerror or _one_line(err)}{where}; what was already written in the run folder "
+              "is kept: fix the disk or permissions, then resume=auto", file=sys.stderr)
         if os.environ.get("METASSL_TRACEBACK"):
             raise
         return 2
     except KeyboardInterrupt:
         print("metassl: interrupted; the run folder keeps what was written (resume=auto continues it)", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug: still one line, and the way to see more
+        if os.environ.get("METASSL_TRACEBACK"):
+            raise
+        print(f"metassl: error: unexpected {type(err).__name__}: {_one_line(err)[:300]} (a bug: rerun with "
+              "METASSL_TRACEBACK=1 to see the traceback, and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -31,7 +31,11 @@ CHOICES: dict[str, tuple] = {
     "eval.segment.head": ("linear", "conv"),
 }
 POSITIVE = ("batch_size", "optimizer.lr", "trainer.max_epochs", "eval.batch_size", "eval.knn.k", "eval.knn.t",
-            "eval.segment.epochs", "eval.segment.lr", "eval.segment.batch_size", "eval.segment.hidden_dim")
+            "eval.segment.epochs", "eval.segment.lr", "eval.segment.batch_size", "eval.segment.hidden_dim",
+            "trainer.log_every_n_steps", "trainer.num_nodes", "eval.knn.every_n_epochs", "eval.linear.epochs",
+            "eval.linear.lr", "eval.linear.batch_size")
+NON_NEGATIVE = ("trainer.checkpoint_every_n_steps", "trainer.skip_nonfinite_steps", "optimizer.weight_decay",
+                "optimizer.momentum", "eval.linear.weight_decay", "scheduler.warmup_epochs", "scheduler.min_lr_ratio")
 
 
 def _configs_dir() -> Path:
@@ -93,6 +97,9 @@ def _check_types(cfg: DictConfig) -> None:
         if key not in ref:
             raise ConfigError(_unknown_key_message(key, ref))
         expected = ref[key]
+        if isinstance(expected, (list, ListConfig)) and value is not None and not isinstance(value, (list, ListConfig)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[] or {key}=[[20,0.07]]"
+                              if key == "eval.knn_extra" else f"{key}={value!r} must be a list, e.g. {key}=[]")
         if expected is None or value is None or isinstance(expected, (list, ListConfig)):
             continue
         if isinstance(expected, bool):
@@ -113,6 +120,20 @@ def _check_types(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value!r} must be > 0")
+    for key in NON_NEGATIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}={value!r} must be >= 0")
+    if cfg.trainer.max_steps != -1 and cfg.trainer.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.max_steps!r} must be -1 (no limit) or > 0")
+    clip = cfg.trainer.gradient_clip_val
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip!r} must be null (no clipping) or a number > 0")
+    limit = cfg.trainer.limit_train_batches
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+        raise ConfigError(f"trainer.limit_train_batches={limit!r} must be a fraction in (0, 1] or a number of batches >= 1")
+    if isinstance(limit, float) and limit > 1.0:
+        raise ConfigError(f"trainer.limit_train_batches={limit!r}: a float is a fraction of the epoch, in (0, 1]")
     if not 0.0 <= cfg.eval.val_fraction < 1.0:
         raise ConfigError(f"eval.val_fraction={cfg.eval.val_fraction!r} must be in [0, 1)")
     for pair in cfg.eval.knn_extra:
@@ -229,6 +250,11 @@ def load_config(overrides: Iterable[str] = (), extra_files: Iterable[str | Path]
 
     # backbone constructor keywords (backbone.widths=[...]) are not in the presets: `++` adds or
     # overrides them; validation then checks them against the builder's signature
+    overrides = list(overrides)
+    for item in overrides:
+        if not re.fullmatch(r"[+~]{0,2}[A-Za-z_][\w.\-/@]*=.*", item, flags=re.DOTALL):
+            raise ConfigError(f"override {item!r} is not key=value with a config key (e.g. trainer.max_epochs=10); "
+                              "see `metassl config` for all keys")
     overrides = [f"++{o}" if o.startswith("backbone.") else o for o in overrides]
     GlobalHydra.instance().clear()
     try:
@@ -236,6 +262,8 @@ def load_config(overrides: Iterable[str] = (), extra_files: Iterable[str | Path]
             cfg = compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_condense_hydra_error(err)) from None
+    except (ValueError, TypeError) as err:  # Hydra's own checks on an override's shape
+        raise ConfigError(f"invalid override: {' '.join(str(err).split())}") from None
     finally:
         GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, False)

@@ -2,7 +2,8 @@
 
 Images are decoded to RGB uint8, resized (shorter side) and centre-cropped to a square
 ``load_size``, either all at once into one (N, 3, S, S) tensor (file reading in a thread
-pool, decoding with ``torchvision.io``) or lazily per item.  Undecodable files raise
+pool; JPEGs decoded with ``torchvision.io``, other formats with Pillow) or lazily per item.
+Grayscale, palette, RGBA and 16-bit images become RGB uint8.  Undecodable files raise
 :class:`CorruptImageError` naming the file.
 """
 
@@ -91,20 +92,46 @@ def fit_square(img: torch.Tensor, size: int) -> torch.Tensor:
     return F.center_crop(img, [size, size])
 
 
-def _decode_bytes(data: bytes, path: str) -> torch.Tensor:
-    try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except Exception as first:
-        try:  # formats or variants torchvision cannot decode (e.g. some TIFF/GIF)
-            from PIL import Image
+def _to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """16-bit PNGs decode to uint16: scaled to 8 bits (the high byte of each value)."""
+    if img.dtype == torch.uint8:
+        return img
+    if img.dtype == torch.uint16:
+        return (img.to(torch.int32) >> 8).to(torch.uint8)
+    return (img.float().clamp(0, 1) * 255).round().to(torch.uint8)  # float decoders: [0, 1]
 
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.asarray(im.convert("RGB"))
-            return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-        except Exception:
-            # torchvision prefixes "decode_jpeg, <source file>:<line>, "; keep the reason only
-            msg = " ".join(str(first).split()).split(", ")[-1]
-            raise CorruptImageError(f"cannot decode image file {path} ({msg[:200]})") from None
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def _decode_with_pil(data: bytes) -> torch.Tensor:
+    """Any format Pillow reads, to RGB uint8; 16-bit and 32-bit integer images scaled to 8 bits."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode.startswith("I"):  # "I;16*" (16-bit PNG/TIFF) or "I": integer grey levels beyond 255
+            arr = np.asarray(im).astype(np.int64)
+            arr = (arr >> 8) if arr.max(initial=0) > 255 else arr
+            arr = np.repeat(arr.clip(0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        else:
+            arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def _decode_bytes(data: bytes, path: str) -> torch.Tensor:
+    """JPEGs with torchvision's libjpeg decoder; every other format with Pillow (torchvision's PNG
+    decoder crashes the process on some corrupt files: tests/reliability/test_properties.py)."""
+    try:
+        if _is_jpeg(data):
+            try:
+                return _to_uint8(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
+            except Exception:  # noqa: BLE001 - variants libjpeg rejects: Pillow below, which names the problem
+                pass
+        return _decode_with_pil(data)
+    except Exception as err:  # noqa: BLE001 - any undecodable file gets the same one line
+        msg = " ".join(str(err).split()) or type(err).__name__
+        raise CorruptImageError(f"cannot decode image file {path} ({msg[:200]}); replace or delete it") from None
 
 
 def _read(path: str) -> bytes:
@@ -159,7 +186,7 @@ def decode_all(paths: Sequence[str], size: int, workers: int | None = None, chun
 
 def _decode_chunk(blobs: list[bytes], paths: Sequence[str]) -> list[torch.Tensor]:
     """Decode a chunk: one batched libjpeg call when all are JPEGs, else (or on error) file by file."""
-    if blobs and all(b[:2] == b"\xff\xd8" for b in blobs):
+    if blobs and all(_is_jpeg(b) for b in blobs):
         try:
             tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
             return list(decode_jpeg(tensors, mode=ImageReadMode.RGB))

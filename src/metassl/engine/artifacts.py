@@ -27,12 +27,37 @@ def read_metrics(csv_path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def set_aside_metrics(out: Path) -> None:
-    """Before a resumed run: keep the earlier ``metrics.csv`` (Lightning's CSV logger rewrites it)."""
+def set_aside_metrics(out: Path, before_step: int | None = None) -> None:
+    """Before a resumed run: keep the earlier ``metrics.csv`` (Lightning's CSV logger rewrites it).
+
+    ``before_step``: the resumed checkpoint's global step; rows the killed run logged after it
+    (``step >= before_step``) are dropped, since the resumed run trains those steps again."""
     current = out / "metrics.csv"
-    if current.is_file():
-        n = len(list(out.glob("metrics.part*.csv")))
-        current.rename(out / f"metrics.part{n}.csv")
+    if not current.is_file():
+        return
+    n = len(list(out.glob("metrics.part*.csv")))
+    part = out / f"metrics.part{n}.csv"
+    if before_step is None:
+        current.rename(part)
+        return
+    with open(current, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = list(reader.fieldnames or [])
+        rows = [row for row in reader if _step_of(row) < before_step]
+    tmp = out / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(part)
+    current.unlink()
+
+
+def _step_of(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("step") or 0)
+    except ValueError:
+        return 0.0
 
 
 def merge_metrics(out: Path) -> None:
@@ -108,4 +133,6 @@ def plot_curves(rows: list[dict[str, float]], out_png: Path, title: str, knn_ini
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    from metassl.data.utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 
 from metassl.config import load_config, validate
 from metassl.data import augmentation_for, build_data
+from metassl.data.utils import atomic_torch_save
+from metassl.engine.ckpt_io import check_training_checkpoint
 from metassl.engine.evaluation import evaluate_backbone
 from metassl.engine.module import SSLModule
 from metassl.engine.train import check_eval_data
@@ -20,8 +22,7 @@ from metassl.errors import ConfigError, MetasslError
 def load_module(ckpt: str | Path) -> SSLModule:
     """Rebuild the trained :class:`SSLModule` (config read from the checkpoint) on the CPU."""
     path = Path(ckpt)
-    if not path.is_file():
-        raise MetasslError(f"checkpoint {str(path)!r} not found; pass --ckpt <run>/checkpoints/last.ckpt")
+    check_training_checkpoint(path, f"--ckpt {path}")
     try:
         module = SSLModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
     except (KeyError, TypeError, RuntimeError) as err:
@@ -161,8 +162,10 @@ def export_backbone(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     backbone = getattr(backbone, "_orig_mod", backbone)  # unwrap torch.compile
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    try:
+        atomic_torch_save(state, out)
+    except OSError as err:
+        raise MetasslError(f"cannot write {out} ({err.strerror or err}); pass a writable --out path") from None
     bcfg = module.cfg["backbone"]
     name = bcfg["name"]
     if name in ("resnet18", "resnet50"):

@@ -88,7 +88,10 @@ def training_dataset(trainer: Any) -> Any:
         loader = trainer.train_dataloader
     except Exception:  # noqa: BLE001 - no trainer, or a loop that has not set up its loader
         return None
-    return getattr(loader, "dataset", None)
+    dataset = getattr(loader, "dataset", None)
+    from metassl.engine.data_order import SeededItems
+
+    return dataset.dataset if isinstance(dataset, SeededItems) else dataset  # plain integer indices
 
 
 def _positive_pairs(features: Callable[[torch.Tensor], torch.Tensor], dataset: Any, n: int, seed: int, device,

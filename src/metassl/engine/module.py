@@ -10,9 +10,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from metassl.engine.data_order import ResumableSampler, capture_rng, restore_rng
 from metassl.engine.evaluation import label_free_metrics, training_dataset
+from metassl.engine.faults import NonFinitePolicy
 from metassl.engine.optim import build_optimizer, lr_lambda
-from metassl.errors import DivergenceError
 from metassl.engine.step import clip_info, training_step
 from metassl.eval.knn import knn_accuracy
 from metassl.losses.distributed import is_distributed
@@ -56,6 +57,16 @@ class SSLModule(L.LightningModule):
         self._val_feats: list[list[torch.Tensor]] = [[], []]
         self._val_labels: list[list[torch.Tensor]] = [[], []]
         self._val_index: list[list[torch.Tensor]] = [[], []]
+        opt = cfg["optimizer"]
+        self.nonfinite = NonFinitePolicy(
+            int(cfg["trainer"].get("skip_nonfinite_steps", 0)), method=cfg["method"]["name"],
+            regularizer=cfg["regularizer"]["name"],
+            hint=(f"with optimizer.name={opt['name']} at optimizer.lr={opt['lr']}, lower optimizer.lr, set "
+                  "trainer.gradient_clip_val (e.g. 5) or use optimizer.name=lars (trainer.skip_nonfinite_steps=N skips "
+                  "up to N such steps); "),
+        )
+        self.train_sampler: ResumableSampler | None = None  # set by the engine: its position goes in checkpoints
+        self._pending_rng: dict[str, Any] | None = None  # random state of a loaded checkpoint, set at the next batch
 
     # -- features --------------------------------------------------------------------------
     def eval_transform(self) -> nn.Module | None:
@@ -156,8 +167,11 @@ class SSLModule(L.LightningModule):
             step_encoder=encoder_opt.step,
             grad_scale=grad_scale,
             distributed=is_distributed(),
+            nonfinite=self.nonfinite,
         )
-        self._check_finite(logs["loss"], encoder_opt.optimizer)
+        if "loss" not in logs:  # a non-finite step skipped (trainer.skip_nonfinite_steps): nothing was updated
+            self.log("train/skipped_nonfinite", float(self.nonfinite.skipped), batch_size=views[0].shape[0])
+            return
         schedulers = self.lr_schedulers()
         for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
             sched.step()
@@ -169,20 +183,28 @@ class SSLModule(L.LightningModule):
         self.log_dict(losses, batch_size=batch_size, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items() if not k.startswith("loss_")}, batch_size=batch_size)
 
-    def _check_finite(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Stop with one clear error when the loss is no longer finite (instead of training on
-        NaN weights and reporting chance accuracy).  Every step on CPU; on accelerators every
-        ``log_every_n_steps`` steps (the check synchronises with the host)."""
-        every = 1 if self.device.type == "cpu" else max(1, int(self.cfg["trainer"]["log_every_n_steps"]))
-        if self.global_step % every or bool(torch.isfinite(loss)):
+    # -- checkpoint state Lightning does not keep -------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Random generators, the sampler's place in its epoch and the skipped-step count."""
+        state: dict[str, Any] = {"rng": capture_rng(), "nonfinite": self.nonfinite.state_dict()}
+        if self.train_sampler is not None and self._trainer is not None:
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["sampler"] = self.train_sampler.state_dict(done)
+        checkpoint["metassl"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("metassl")
+        if not state:  # a checkpoint older than this state: weights and optimizers only
             return
-        opt = self.cfg["optimizer"]
-        raise DivergenceError(
-            f"training diverged: the loss is {float(loss)} at step {self.global_step} ({self.cfg['method']['name']} + "
-            f"{self.cfg['regularizer']['name']}, optimizer.name={opt['name']}, lr {optimizer.param_groups[0]['lr']:.3g}); "
-            "lower optimizer.lr, set trainer.gradient_clip_val (e.g. 5) or use optimizer.name=lars; "
-            "checkpoints/last.ckpt in the run folder holds the last finished epoch"
-        )
+        self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        self._pending_rng = state.get("rng")
+        if self.train_sampler is not None and "sampler" in state:
+            self.train_sampler.load_state_dict(state["sampler"])
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # after restoring: the generators as they were when the checkpoint was taken
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
 
     # -- kNN monitor -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

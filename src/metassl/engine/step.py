@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from metassl.engine.faults import NonFinitePolicy, agree_across_ranks, first_nonfinite
 from metassl.methods.base import Method
 from metassl.regularizers.base import ClipInfo, Regularizer, StepContext
 
@@ -61,6 +62,7 @@ def training_step(
     step_encoder: Callable[[], None] | None = None,
     distributed: bool = False,
     grad_scale: Callable[[], float | None] | None = None,
+    nonfinite: NonFinitePolicy | None = None,
 ) -> dict[str, torch.Tensor | float]:
     """Real encoder step, then (bilevel regularizers) the meta step, then per-step updates.
 
@@ -69,6 +71,10 @@ def training_step(
     the :class:`ClipInfo` when ``trainer.gradient_clip_val`` is set), and ``grad_scale`` (the
     loss scale of 16-mixed training: ``.grad`` holds scaled gradients until the optimizer
     step) so that regularizers reading ``.grad`` can unscale it (``ctx.grad_scale``).
+    ``nonfinite`` (:mod:`metassl.engine.faults`) checks every loss term before the backward pass
+    and the meta objective and meta-gradient before the meta step: a non-finite one stops
+    training (:class:`~metassl.errors.DivergenceError` naming the step and the term) or, within
+    the policy's budget, skips the update (``{"skipped_nonfinite": 1.0}`` is returned then).
     Returns detached scalars to log.
     """
     backward = backward or (lambda loss: loss.backward())
@@ -87,6 +93,13 @@ def training_step(
 
     encoder_optimizer.zero_grad(set_to_none=True)
     loss, terms, out = encoder_objective(method, reg, views, labels, ctx)
+    if nonfinite is not None:
+        values = {**terms, "total": loss}
+        bad = agree_across_ranks(first_nonfinite(values), loss.device, distributed)
+        if bad is not None:
+            nonfinite.handle(bad, global_step, float(values[bad].detach()) if bad in values else float("nan"))
+            encoder_optimizer.zero_grad(set_to_none=True)
+            return {"skipped_nonfinite": 1.0}
     clip = backward(loss)
     ctx.clip = clip if isinstance(clip, ClipInfo) else None
     if grad_scale is not None:
@@ -98,12 +111,31 @@ def training_step(
     logs.update({f"loss_{name}": value.detach() for name, value in terms.items()})
     if reg.bilevel and meta_optimizer is not None:
         meta_optimizer.zero_grad(set_to_none=True)
-        logs.update({f"meta/{k}": v for k, v in reg.meta_step(ctx).items()})
-        meta_optimizer.step()
+        meta_logs = {f"meta/{k}": v for k, v in reg.meta_step(ctx).items()}
+        logs.update(meta_logs)
+        bad = None
+        if nonfinite is not None:
+            grads = {"meta/gradient": g for g in [_meta_grads_finite(meta_optimizer)] if g is not None}
+            bad = agree_across_ranks(first_nonfinite({**meta_logs, **grads}), loss.device, distributed)
+            if bad is not None:
+                nonfinite.handle(bad, global_step, float({**meta_logs, **grads}[bad]) if bad in meta_logs else float("nan"))
+                meta_optimizer.zero_grad(set_to_none=True)
+                logs["skipped_nonfinite"] = 1.0
+        if bad is None:
+            meta_optimizer.step()
     method.update_after_step(out, progress)
     reg.after_step(ctx)
     logs.update({f"reg/{k}": v for k, v in reg.log_stats().items()})
     return logs
+
+
+def _meta_grads_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """A 0-dim tensor, ``nan`` when any meta-gradient is non-finite and ``0`` otherwise (None: no gradients)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return None
+    finite = torch.stack([torch.isfinite(g.detach()).all() for g in grads]).all()
+    return torch.where(finite, torch.zeros((), device=finite.device), torch.full((), float("nan"), device=finite.device))
 
 
 def clip_info(optimizer: torch.optim.Optimizer, max_norm: float, scale: float | None = None) -> ClipInfo:

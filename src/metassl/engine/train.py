@@ -19,8 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from metassl.config import ConfigError
+from metassl.errors import MetasslError
 from metassl.data import DataBundle, augmentation_for, build_data
+from metassl.data.utils import atomic_write_text
 from metassl.engine.artifacts import best_val_epoch, merge_metrics, plot_curves, read_metrics, set_aside_metrics, write_summary
+from metassl.engine.ckpt_io import AtomicCheckpointIO, check_resume_matches, check_training_checkpoint
+from metassl.engine.data_order import ResumableSampler, SeededItems
 from metassl.engine.evaluation import evaluate_backbone, knn_key
 from metassl.engine.module import SSLModule
 from metassl.engine.precision import resolve_precision
@@ -89,6 +93,8 @@ def check_eval_data(data: DictConfig) -> None:
 
 
 def _resolve_resume(cfg: DictConfig, out: Path) -> str | None:
+    """The checkpoint to resume from (None: a new run), checked to be a readable metassl
+    checkpoint of the same method, regularizer and backbone."""
     last = out / "checkpoints" / "last.ckpt"
     if cfg.resume is None:
         if last.exists():
@@ -97,10 +103,32 @@ def _resolve_resume(cfg: DictConfig, out: Path) -> str | None:
             )
         return None
     if cfg.resume == "auto":
-        return str(last) if last.exists() else None
-    if not Path(cfg.resume).is_file():
+        if not last.exists():
+            return None
+        path = str(last)
+    elif not Path(cfg.resume).is_file():
         raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file")
-    return str(cfg.resume)
+    else:
+        path = str(cfg.resume)
+    try:
+        check_training_checkpoint(path, f"resume={cfg.resume}")
+    except MetasslError as err:
+        raise MetasslError(f"{err}; or delete it to start the run over") from None
+    check_resume_matches(path, cfg)
+    return path
+
+
+def _ensure_writable(out: Path) -> None:
+    """Create the run folder and prove it takes files, before any work is done."""
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = out / ".metassl-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write to the run folder {out} ({err.strerror or err}); choose a writable output_dir=PATH"
+        ) from None
 
 
 def build_module_config(cfg: DictConfig, bundle: DataBundle) -> dict[str, Any]:
@@ -111,7 +139,17 @@ def build_module_config(cfg: DictConfig, bundle: DataBundle) -> dict[str, Any]:
     return plain
 
 
+def single_process(cfg: DictConfig) -> bool:
+    """True when the run trains in this one process (no distributed sampler will be put in)."""
+    devices, nodes = cfg.trainer.devices, int(cfg.trainer.num_nodes)
+    one = devices == 1 or (OmegaConf.is_list(devices) and len(devices) == 1) or str(devices) == "1"
+    return one and nodes == 1 and os.environ.get("WORLD_SIZE", "1") in ("", "1")
+
+
 def make_loaders(cfg: DictConfig, bundle: DataBundle) -> tuple[DataLoader, list[DataLoader]]:
+    """The training loader and the two kNN-monitor loaders.  In one process the training loader
+    uses a :class:`ResumableSampler` (its place in the epoch is checkpointed); with
+    ``trainer.deterministic=true`` each sample's augmentation is seeded by (seed, epoch, index)."""
     workers = resolve_num_workers(cfg.num_workers)
     pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
@@ -119,7 +157,14 @@ def make_loaders(cfg: DictConfig, bundle: DataBundle) -> tuple[DataLoader, list[
         raise ConfigError(
             f"batch_size={cfg.batch_size} is larger than the training set ({len(bundle.train_ssl)} images); lower batch_size"
         )
-    train = DataLoader(bundle.train_ssl, batch_size=cfg.batch_size, shuffle=True, drop_last=True, **common)
+    if single_process(cfg):
+        seeded = bool(cfg.trainer.deterministic)
+        sampler = ResumableSampler(len(bundle.train_ssl), seed=int(cfg.seed), seeded=seeded, batch_size=int(cfg.batch_size))
+        dataset = SeededItems(bundle.train_ssl, int(cfg.seed)) if seeded else bundle.train_ssl
+        generator = torch.Generator().manual_seed(int(cfg.seed)) if seeded else None  # workers' seeds off the global stream
+        train = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, generator=generator, **common)
+    else:  # Lightning puts in its distributed sampler
+        train = DataLoader(bundle.train_ssl, batch_size=cfg.batch_size, shuffle=True, drop_last=True, **common)
     val = [
         DataLoader(IndexedDataset(ds), batch_size=cfg.eval.batch_size, shuffle=False, **common)
         for ds in (bundle.train_eval, bundle.test)
@@ -165,7 +210,7 @@ def initial_knn(cfg: DictConfig, module: SSLModule, bundle: DataBundle, out: Pat
         finally:
             module.to("cpu")
     value = results[knn_key(k, t)]
-    record.write_text(json.dumps({**key, "knn_top1_init": value}, indent=2) + "\n")
+    atomic_write_text(record, json.dumps({**key, "knn_top1_init": value}, indent=2) + "\n")
     return value
 
 
@@ -175,6 +220,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "Tip:" not in record.getMessage())
 
 
@@ -198,17 +244,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(str(err).strip("'\"").splitlines()[0]) from None
     held_out = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
     module.knn_val_mask = held_out if bool(held_out.any()) else None  # eval.val_fraction=0: no validation kNN
-    out.mkdir(parents=True, exist_ok=True)
+    _ensure_writable(out)
     knn_init = initial_knn(cfg, module, bundle, out, resuming=ckpt_path is not None)
     if cfg.trainer.compile:
         # in place (nn.Module.compile): parameter names and checkpoint keys stay those of the
         # eager model, so a compiled run resumes, evaluates and exports like any other
         module.method.backbone.compile()
     train_loader, val_loaders = make_loaders(cfg, bundle)
+    if isinstance(train_loader.sampler, ResumableSampler):
+        module.train_sampler = train_loader.sampler
 
     if ckpt_path is not None:
-        set_aside_metrics(out)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(module_cfg)))
+        resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
+        set_aside_metrics(out, before_step=resumed_step)
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(module_cfg)))
     loggers: list = [CSVLogger(save_dir=str(out), name="", version="")]
     use_tb = cfg.logger.tensorboard
     if use_tb == "auto":
@@ -231,6 +280,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # epoch.  "last" is therefore its own unmonitored checkpoint, rewritten at every epoch end.
     callbacks = [ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
                                  save_on_train_epoch_end=True, enable_version_counter=False)]
+    every = int(cfg.trainer.checkpoint_every_n_steps)
+    if every > 0:  # mid-epoch "last" too (same file): a killed run loses at most `every` steps
+        callbacks.append(ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="last", monitor=None, save_top_k=1,
+                                         every_n_train_steps=every, enable_version_counter=False))
     if has_val:
         callbacks.append(ModelCheckpoint(dirpath=str(out / "checkpoints"), filename="best", monitor="val/knn_top1",
                                          mode="max", save_top_k=1, enable_version_counter=False))
@@ -253,6 +306,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=callbacks,
         logger=loggers,
         default_root_dir=str(out),
+        plugins=[AtomicCheckpointIO()],
     )
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt_path)
