@@ -7,27 +7,27 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename it into place.
-
-    A crash mid-write never leaves a partial file under ``path``.
-    """
+def _atomic_write(path: str | os.PathLike, mode: str, write: Callable[[Any], None], *, mkdir: bool) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder, flush, fsync, give it the
+    permissions a plain ``open`` would (mkstemp creates 0600), rename it into place and fsync
+    the folder.  A crash mid-write never leaves a partial file under ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
     except BaseException:
@@ -36,6 +36,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file in the same folder (created if missing), fsync
+    and rename: a crash mid-write never leaves a partial file under ``path``."""
+    _atomic_write(path, "wb", lambda fh: torch.save(obj, fh), mkdir=True)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -54,23 +60,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, fsync and rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    _atomic_write(path, "w", lambda fh: fh.write(text), mkdir=False)
 
 
 def cache_key(payload: Any) -> str:
