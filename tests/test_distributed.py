@@ -165,6 +165,10 @@ def _small_reg_hparams(name: str) -> dict[str, Any]:
             out[key] = 16
     if "meta_lr" in regularizer_hparams(name):
         out["meta_lr"] = 0.5
+    if "rec_fraction" in regularizer_hparams(name):
+        # MRCL reconstructs the first ceil(f * B_local) samples of each rank's batch: the same law as
+        # one process, not the same samples, unless every sample is reconstructed
+        out["rec_fraction"] = 1.0
     return out
 
 

@@ -44,6 +44,7 @@ WIDTHS = [4, 4, 8, 8]  # convnet_small: 16 px -> (8, 2, 2) maps, stride 8
 
 
 def make(method: str = "simclr", seed: int = 0, **reg_kw):
+    reg_kw.setdefault("rec_fraction", 1.0)  # every sample masked: the tests below read whole views
     torch.manual_seed(seed)
     backbone, dim = build_backbone("convnet_small", widths=WIDTHS)
     kw = dict(proj_hidden_dim=8, proj_output_dim=4)

@@ -142,7 +142,7 @@ class MRCL(Regularizer):
         decoder_depth: int = 1,
         target_norm: str = "none",
         rec_weight: float = 0.1,
-        rec_fraction: float = 1.0,
+        rec_fraction: float = 0.25,
         display_normalization: str | None = None,
         display_dataset: str | None = None,
         display_mean: Sequence[float] | None = None,
