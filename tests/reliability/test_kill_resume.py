@@ -3,10 +3,10 @@ weights, optimizer and scheduler states and metrics as an uninterrupted run with
 (``trainer.deterministic=true``, a checkpoint every step).
 
 2 epochs of 3 steps; the interruption comes at global step 4, the middle of the second epoch.
-simclr is killed for real (SIGKILL to a child process once the step-4 checkpoint is on disk);
-for the other methods and the bilevel regularizers the "kill" is an exception raised inside the
-step, in this process, which leaves the same files (nothing is written on the way out) and costs
-no second interpreter start.
+Every case is killed for real: SIGKILL to a child process once the step-4 checkpoint is on disk
+(simclr, moco_v2 and each bilevel regularizer, plus MRCL), while this process trains the
+uninterrupted run.  One more case crashes with an exception inside the step (exit 1, an
+unexpected error) and resumes the same way.
 """
 
 from __future__ import annotations
@@ -72,8 +72,7 @@ def _crash_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(SSLModule, "training_step", training_step)
 
 
-@pytest.mark.parametrize("preset", ["regularizer=metamask", "regularizer=metaug", "regularizer=iclmsr", "regularizer=mrcl",
-                                    "method=moco_v2"])
+@pytest.mark.parametrize("preset", ["regularizer=metamask"])
 def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path, monkeypatch, preset):
     args = [*DETERMINISTIC, preset]
     assert main(tiny(tmp_path / "a", *args)) == 0
@@ -99,8 +98,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path):
-    args = DETERMINISTIC
+@pytest.mark.parametrize("preset", [None, "method=moco_v2", "regularizer=metamask", "regularizer=metaug",
+                                    "regularizer=iclmsr", "regularizer=mrcl"])
+def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path, preset):
+    args = [*DETERMINISTIC, *([preset] if preset else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", CHILD, *tiny(tmp_path / "b", *args)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
