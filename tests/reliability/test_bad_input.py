@@ -110,7 +110,13 @@ def test_batch_larger_than_dataset(tmp_path, capsys):
     assert "lower batch_size" in one_error(capsys)
 
 
-def test_knn_k_larger_than_the_bank_is_clamped():
+def test_train_says_in_one_line_that_a_knn_k_larger_than_its_bank_is_clamped(tmp_path, capsys):
+    assert main(tiny(tmp_path / "run", "eval.knn.k=100000")) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "larger than the kNN bank" in line]
+    assert len(notes) == 1 and notes[0].startswith("metassl: note: kNN k=100000") and "votes with all" in notes[0]
+
+
+def test_knn_k_larger_than_the_bank_is_clamped_in_the_library():
     g = torch.Generator().manual_seed(0)
     bank, labels = torch.randn(30, 8, generator=g), torch.randint(0, 3, (30,), generator=g)
     query, query_labels = torch.randn(10, 8, generator=g), torch.randint(0, 3, (10,), generator=g)

@@ -6,6 +6,7 @@ import datetime
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -116,6 +117,17 @@ def _resolve_resume(cfg: DictConfig, out: Path) -> str | None:
         raise MetasslError(f"{err}; or delete it to start the run over") from None
     check_resume_matches(path, cfg)
     return path
+
+
+def _check_knn_k(cfg: DictConfig, bank: int) -> None:
+    """A kNN ``k`` (``eval.knn.k``, ``eval.knn_extra``) above the smallest bank it votes in (the
+    labelled train split without its validation part) is clamped to the bank by the kNN; say so
+    once, in one line (small folders and ``protocol=smoke`` rely on the clamp)."""
+    for k in [int(cfg.eval.knn.k)] + [int(p[0]) for p in cfg.eval.knn_extra]:
+        if k > bank:
+            print(f"metassl: note: kNN k={k} is larger than the kNN bank ({bank} labelled train images after "
+                  f"eval.val_fraction={cfg.eval.val_fraction}); the kNN votes with all {bank} (set eval.knn.k to choose)",
+                  file=sys.stderr)
 
 
 def _ensure_writable(out: Path) -> None:
@@ -244,6 +256,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(str(err).strip("'\"").splitlines()[0]) from None
     held_out = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
     module.knn_val_mask = held_out if bool(held_out.any()) else None  # eval.val_fraction=0: no validation kNN
+    _check_knn_k(cfg, int((~held_out).sum()) if bool(held_out.any()) else len(bundle.train_eval))
     _ensure_writable(out)
     knn_init = initial_knn(cfg, module, bundle, out, resuming=ckpt_path is not None)
     if cfg.trainer.compile:
