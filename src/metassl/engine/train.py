@@ -271,7 +271,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
         set_aside_metrics(out, before_step=resumed_step)
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(module_cfg)))
-    loggers: list = [CSVLogger(save_dir=str(out), name="", version="")]
+    # flushed at every logging step: a killed run keeps every row up to its last checkpoint
+    loggers: list = [CSVLogger(save_dir=str(out), name="", version="", flush_logs_every_n_steps=1)]
     use_tb = cfg.logger.tensorboard
     if use_tb == "auto":
         try:
