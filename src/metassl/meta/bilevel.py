@@ -18,6 +18,9 @@ What every bilevel regularizer needs and none should write again:
   while DDP (without ``find_unused_parameters``) still sees them used in the forward;
 - the meta-gradient call with the library's conditions (batch-norm statistics frozen,
   precision, ranks averaged) and its *assignment* to ``.grad`` (never accumulated);
+- where the meta step runs (``order``): ``reuse`` computes it in ``before_encoder_step`` at
+  ``θ_t``, ``official`` in ``meta_step`` after the encoder step, through the subclass's
+  ``compute_meta_gradient(ctx, order)``;
 - the meta optimizer and its schedule.
 
 A subclass provides ``named_meta_parameters()`` and the two losses as pure functions of
@@ -207,6 +210,27 @@ class BilevelRegularizer(Regularizer):
         inv = (1.0 / float(ctx.grad_scale) if ctx.grad_scale else 1.0) / ctx.clip.factor
         rest = [p.grad.detach().double() for g in opt.param_groups for p in g["params"] if p.grad is not None and id(p) not in inside]
         return float(sum(r.pow(2).sum() for r in rest)) * inv * inv
+
+    # -- where the meta step runs: ``order`` (MetaMask §3.2, MetAug §4.5, ICL-MSR §5.4) ----------
+    #: ``reuse``: the meta-gradient at θ_t in ``before_encoder_step`` (from the real step's
+    #: gradient); ``official``: in ``meta_step``, after the encoder step.  Subclasses set it and
+    #: implement ``compute_meta_gradient(ctx, order)``.
+    order: str = "official"
+
+    def compute_meta_gradient(self, ctx: StepContext, order: str | None = None) -> MetaGradient:
+        raise NotImplementedError
+
+    def before_encoder_step(self, ctx: StepContext) -> None:
+        if self.bilevel and self.order == "reuse":
+            ctx.cache[self.name] = self.compute_meta_gradient(ctx, "reuse")
+
+    def meta_step(self, ctx: StepContext) -> dict[str, float]:
+        result = ctx.cache.pop(self.name, None)
+        if result is None:
+            if self.order == "reuse":
+                raise RuntimeError(f"{self.name} order='reuse' computes the meta-gradient in before_encoder_step, which did not run")
+            result = self.compute_meta_gradient(ctx, "official")
+        return self.assign_meta_grads(result)
 
     def assign_meta_grads(self, result: MetaGradient) -> dict[str, float]:
         """Write the meta-gradient into ``.grad`` (assigned, never accumulated); return stats."""

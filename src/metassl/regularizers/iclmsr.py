@@ -347,18 +347,6 @@ class ICLMSR(BilevelRegularizer):
             kw["second_order_term"] = backbone_tangent_term(method, views, inner_at, base, self.tangent_radius)
         return self.meta_gradient(ctx, params, outer, inner, inner_grads=self.real_gradients(params, ctx), **kw)
 
-    def before_encoder_step(self, ctx: StepContext) -> None:
-        if self.bilevel and self.order == "reuse":
-            ctx.cache["iclmsr"] = self.compute_meta_gradient(ctx, "reuse")
-
-    def meta_step(self, ctx: StepContext) -> dict[str, float]:
-        result = ctx.cache.pop("iclmsr", None)
-        if result is None:
-            if self.order == "reuse":
-                raise RuntimeError("iclmsr order='reuse' computes the meta-gradient in before_encoder_step, which did not run")
-            result = self.compute_meta_gradient(ctx, "official")
-        return self.assign_meta_grads(result)
-
     # -- per-step updates, evaluation, reporting ---------------------------------------------------
     def after_step(self, ctx: StepContext) -> None:
         """The dictionary's EMA step on this batch's backbone features (ema) or its attention

@@ -328,18 +328,6 @@ class MetaMask(BilevelRegularizer):
         autocast = torch.is_autocast_enabled(ref.device.type) or torch.is_autocast_enabled("cpu")
         return not autocast and all(x.dtype == ref.dtype for x in ctx.out["h"])
 
-    def before_encoder_step(self, ctx: StepContext) -> None:
-        if self.order == "reuse":
-            ctx.cache["metamask"] = self.compute_meta_gradient(ctx, "reuse")
-
-    def meta_step(self, ctx: StepContext) -> dict[str, float]:
-        result = ctx.cache.pop("metamask", None)
-        if result is None:
-            if self.order == "reuse":
-                raise RuntimeError("metamask order='reuse' computes the meta-gradient in before_encoder_step, which did not run")
-            result = self.compute_meta_gradient(ctx, "official")
-        return self.assign_meta_grads(result)
-
     # -- reporting -------------------------------------------------------------------------------
     @torch.no_grad()
     def mask_stats(self) -> dict[str, float]:

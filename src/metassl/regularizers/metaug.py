@@ -305,18 +305,6 @@ class MetAug(BilevelRegularizer):
             return None
         return tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, ctx.out)
 
-    def before_encoder_step(self, ctx: StepContext) -> None:
-        if self.order == "reuse":
-            ctx.cache["metaug"] = self.compute_meta_gradient(ctx, "reuse")
-
-    def meta_step(self, ctx: StepContext) -> dict[str, float]:
-        result = ctx.cache.pop("metaug", None)
-        if result is None:
-            if self.order == "reuse":
-                raise RuntimeError("metaug order='reuse' computes the meta-gradient in before_encoder_step, which did not run")
-            result = self.compute_meta_gradient(ctx, "official")
-        return self.assign_meta_grads(result)
-
     # -- reporting ----------------------------------------------------------------------------
     STAT_NAMES = ("sim_real_pos", "sim_gen_pos", "sim_real_neg", "sim_gen_neg", "sim_real_hardest_neg",
                   "sim_gen_hardest_neg", "sim_gen_to_real", "gen_pos_easier_than_real")
