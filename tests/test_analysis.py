@@ -138,21 +138,32 @@ def _brute_force(bank, by, query, qy, classes, groups, k, t):
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("margin,heavy", [(None, None), (0, 0), (3, 5), (10_000, None)])
-def test_knn_removal_equals_brute_force(margin, heavy):
+@pytest.mark.parametrize("rows_per_block,chunk", [(None, 1 << 24), (1, 1 << 24), (7, 2000)])
+def test_knn_removal_equals_brute_force(rows_per_block, chunk):
     bank, by = _clusters(400, 22, 4, seed=0)
     query, qy = _clusters(150, 22, 4, seed=1)
     bank[7] = 0.0
     bank[7, 9] = 4.0  # this bank row vanishes when its group (8..11) is removed
     bank[11, 20:] = 50.0  # most of this row's norm sits in the last, shorter group
-    result = ablation.knn_removal(bank, by, query, qy, 4, 4, k=15, t=0.1, margin=margin, heavy=heavy, dtype=torch.float64)
+    query[3] = 0.0
+    query[3, 1] = 2.0  # this query vanishes when its group (0..3) is removed: 0 against every bank row
+    result = ablation.knn_removal(bank, by, query, qy, 4, 4, k=15, t=0.1, dtype=torch.float64,
+                                  rows_per_block=rows_per_block, chunk_elements=chunk)
     expected = _brute_force(bank, by, query, qy, 4, result.groups, 15, 0.1)
     assert [g.tolist() for g in result.groups][-1] == [20, 21]
     assert torch.allclose(result.accuracies, expected, atol=1e-6)
     assert result.base_accuracy == pytest.approx(knn_accuracy(bank, by, query, qy, 4, k=15, t=0.1), abs=1e-6)
     assert int((result.fixed - result.broken).sum()) == round(float(result.gains.sum()) * 150)
-    if margin == 0:
-        assert result.uncertified > 0  # the whole-bank fallback ran and still agrees
+
+
+def test_knn_removal_equals_brute_force_on_nonnegative_clustered_features():
+    """Post-ReLU-like features (all similarities high and close together): removals reorder many
+    neighbours, so many entries pass the floor; still the brute-force result."""
+    bank, by = _clusters(300, 16, 3, seed=2)
+    query, qy = _clusters(80, 16, 3, seed=3)
+    bank, query = bank.abs() + 3.0, query.abs() + 3.0
+    result = ablation.knn_removal(bank, by, query, qy, 3, 2, k=25, t=0.05, dtype=torch.float64, rows_per_block=16)
+    assert torch.allclose(result.accuracies, _brute_force(bank, by, query, qy, 3, result.groups, 25, 0.05), atol=1e-6)
 
 
 def test_knn_removal_float32_and_k_above_bank():

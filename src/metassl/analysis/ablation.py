@@ -8,15 +8,14 @@ Both evaluations here are exact re-evaluations, computed once from cached featur
 - :func:`knn_removal` — the weighted cosine kNN of docs/algorithms.md §7.1 with the group ``G``
   removed, i.e. on ``normalize(x with x_G = 0)``.  With ``x̂ = x / ‖x‖`` the similarity without
   ``G`` is a rank-``|G|`` update of the full one, rescaled per row and column:
-  ``s'_ij = (s_ij − x̂_iGᵀ x̂_jG) / sqrt((1 − ‖x̂_iG‖²)(1 − ‖x̂_jG‖²))``.  The full similarities are
-  computed once per block of queries; every removal re-scores only each query's
-  ``k + margin`` most similar bank entries plus the few bank rows with the largest ``‖x̂_jG‖``
-  (the only ones a removal can lift far).  A bound on every other entry (``s_ij ≤ τ_i``, the
-  smallest candidate similarity; ``x̂_iGᵀx̂_jG`` bounded below per dimension; the rescaling
-  bounded above) certifies that the new top ``k`` lies among the re-scored ones; the
-  query/removal pairs without the certificate are re-scored against the whole bank.  So the
-  result is the brute-force one (tests compare them), at the cost of one similarity matrix and
-  a gather of ``k + margin`` rows per query instead of one similarity matrix per removal.
+  ``s'_ij = (s_ij − x̂_iGᵀ x̂_jG) · a_iG · b_jG`` with ``a_iG = 1/sqrt(1 − ‖x̂_iG‖²)`` (``b`` the
+  same for the bank).  The full similarities are computed once per block of queries; each removal
+  is one rank-``|G|`` product against the whole bank (no candidate set, so nothing to certify).
+  The new top ``k`` is selected without a top-``k`` over the bank: the smallest new similarity
+  among the query's old ``k`` nearest is a lower bound of its new ``k``-th, so only the entries at
+  or above it (``k`` plus the few a removal lifts past them) are compacted and ranked.  ``a_iG``
+  does not change a row's order and is applied to those ``k`` values only.  The result is the
+  brute-force one (tests compare them).
 - :func:`ridge_removal` — a least-squares linear probe (ridge regression onto one-hot labels on
   standardised features, λ chosen on a validation split of train).  Re-fitting it without ``G``
   is exact from the inverse ``P = (XᵀX/n + λI)⁻¹`` of the full fit:
@@ -65,7 +64,6 @@ class RemovalResult:
     accuracies: torch.Tensor  # (G,)
     fixed: torch.Tensor  # (G,) queries wrong before and right after the removal
     broken: torch.Tensor  # (G,) right before, wrong after
-    uncertified: int = 0  # kNN only: query/removal pairs re-scored against the whole bank
 
     @property
     def gains(self) -> torch.Tensor:
@@ -119,53 +117,26 @@ def _rest_scale(unit: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
     return part, torch.where(rest > _TINY, rest.rsqrt(), torch.zeros_like(rest))
 
 
-@dataclass
-class _Bank:
-    """The normalised bank and, per group, what the removal needs: the rescaling of every row,
-    the ``heavy`` rows (largest ``‖x̂_jG‖``, scored exactly for every query) and, over the other
-    rows, per-dimension extremes and the range of the rescaling (for the certificate)."""
-
-    unit: torch.Tensor  # (m, D)
-    rows: torch.Tensor  # (m, D + 2G): unit | scale | 0 or -inf (heavy), gathered together
-    labels: torch.Tensor  # (m,)
-    scale: torch.Tensor  # (m, G)
-    heavy: torch.Tensor  # (G, h)
-    is_heavy: torch.Tensor  # (m, G)
-    heavy_cols: torch.Tensor  # (G, h, g): the group's columns of its heavy rows
-    heavy_scale: torch.Tensor  # (G, h)
-    col_min: torch.Tensor  # (D,)
-    col_max: torch.Tensor  # (D,)
-    scale_min: torch.Tensor  # (G,)
-    scale_max: torch.Tensor  # (G,)
-    vanishing: torch.Tensor  # (G,) a non-heavy row vanishes without G
-
-
-def _prepare_bank(unit: torch.Tensor, labels: torch.Tensor, group_size: int, n_heavy: int) -> _Bank:
-    m, d = unit.shape
-    part, scale = _rest_scale(unit, group_size)
-    n_groups = part.shape[1]
-    heavy = part.topk(n_heavy, dim=0).indices.T.contiguous() if n_heavy else torch.zeros(n_groups, 0, dtype=torch.long)
-    is_heavy = torch.zeros(m, n_groups, dtype=torch.bool)
-    if n_heavy:
-        is_heavy.scatter_(0, heavy.T, True)
-    light = ~is_heavy & (scale > 0)
-    padded = F.pad(unit, (0, (-d) % group_size)).reshape(m, n_groups, group_size)
-    col_min, col_max = torch.zeros(n_groups, group_size, dtype=unit.dtype), torch.zeros(n_groups, group_size, dtype=unit.dtype)
-    scale_min, scale_max = torch.zeros(n_groups, dtype=torch.float64), torch.zeros(n_groups, dtype=torch.float64)
-    for gi in range(n_groups):
-        rows = light[:, gi]
-        if bool(rows.any()):
-            col_min[gi], col_max[gi] = padded[rows, gi].min(0).values, padded[rows, gi].max(0).values
-            scale_min[gi], scale_max[gi] = scale[rows, gi].min(), scale[rows, gi].max()
-    group_index = torch.arange(n_groups)[:, None]
-    penalty = torch.zeros(m, n_groups, dtype=unit.dtype).masked_fill_(is_heavy, -math.inf)
-    return _Bank(
-        unit=unit, rows=torch.cat([unit, scale.to(unit.dtype), penalty], 1), labels=labels,
-        scale=scale.to(unit.dtype), heavy=heavy, is_heavy=is_heavy,
-        heavy_cols=padded[heavy, group_index], heavy_scale=scale[heavy, group_index].to(unit.dtype),
-        col_min=col_min.flatten()[:d], col_max=col_max.flatten()[:d], scale_min=scale_min, scale_max=scale_max,
-        vanishing=(~is_heavy & (scale == 0)).any(0),
-    )
+def _removal_top(sim, q_cols, group_cols, bank_scale, q_scale, old_top, k: int):
+    """New top ``k`` (values, bank indices) of the query rows ``sim`` (similarities to the whole
+    bank) with one group removed: ``(sim − q_G x_Gᵀ) · b`` ranked, the ``k`` best times ``a``.
+    ``old_top`` (the rows' previous ``k`` nearest) gives the floor of the module docstring; a
+    vanished query (``a_i = 0``) is 0 against every bank row, as ``F.normalize`` of a zero vector."""
+    full = torch.addmm(sim, q_cols, group_cols, alpha=-1.0).mul_(bank_scale)  # (r, m), not yet times a_i
+    vanished = q_scale <= 0
+    if bool(vanished.any()):
+        full[vanished] = 0.0
+    floor = full.gather(1, old_top).amin(1, keepdim=True)  # the old k neighbours are k entries above it
+    rows, cols = (full >= floor).nonzero(as_tuple=True)  # row-major
+    counts = torch.bincount(rows, minlength=full.shape[0])
+    pos = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    width = int(counts.max())
+    dense = torch.full((full.shape[0], width), -math.inf, dtype=full.dtype)
+    dense[rows, pos] = full[rows, cols]
+    index = torch.zeros(full.shape[0], width, dtype=torch.long)
+    index[rows, pos] = cols
+    top, at = dense.topk(k, dim=1)
+    return top * q_scale[:, None], index.gather(1, at)
 
 
 @torch.no_grad()
@@ -179,17 +150,14 @@ def knn_removal(
     *,
     k: int = 200,
     t: float = 0.1,
-    margin: int | None = None,
-    heavy: int | None = None,
     dtype: torch.dtype = torch.float32,
     chunk_elements: int = _CHUNK_ELEMENTS,
+    rows_per_block: int | None = None,
 ) -> RemovalResult:
-    """kNN accuracy with each group of :func:`dimension_groups` removed (module docstring:
-    exact, from one similarity matrix).  ``margin`` extra candidates per query (default ``max(2k, 256)``) and
-    ``heavy`` rows per group scored exactly (default a quarter of the candidates): more
-    certify more queries and cost more gathering; the result does not depend on them.  With
-    the default margin, the candidate set doubles whenever over 5% of the last block's
-    query/removal pairs lacked the certificate."""
+    """kNN accuracy with each group of :func:`dimension_groups` removed (module docstring: exact,
+    from one similarity block per ``chunk_elements``).  Every removal of a block of
+    ``rows_per_block`` queries (default: a block of about 4 MB, which stays in cache across the
+    removals) is one small matrix product and one pass over the block."""
     _check_features(bank, bank_y, query, query_y, num_classes)
     if int(k) < 1 or not float(t) > 0:
         raise ValueError(f"k must be >= 1 and t > 0; got k={k}, t={t}")
@@ -199,65 +167,31 @@ def knn_removal(
     bank_y, query_y = bank_y.reshape(-1).long(), query_y.reshape(-1).long()
     (m, d), n, n_groups = bank_u.shape, query_u.shape[0], len(groups)
     k = min(int(k), m)
-    n_cand = min(m, k + (max(2 * k, 256) if margin is None else int(margin)))
-    n_heavy = min(m - n_cand, heavy if heavy is not None else max(64, n_cand // 4))
-    bk = _prepare_bank(bank_u, bank_y, g, n_heavy)
+    _, bank_scale = _rest_scale(bank_u, g)  # (m, G)
+    bank_scale = bank_scale.to(dtype).T.contiguous()  # (G, m)
+    group_cols = [bank_u[:, cols].T.contiguous() for cols in groups]  # (|G|, m) each
     base_ok = torch.zeros(n, dtype=torch.bool)
     removed_ok = torch.zeros(n, n_groups, dtype=torch.bool)
-    uncertified = 0
     outer = max(1, chunk_elements // m)
-    inner = max(1, chunk_elements // (n_cand * (d + 2 * n_groups)))
-    adapt, before, last_rows = margin is None, 0, 0
+    inner = max(1, rows_per_block or (1 << 20) // m)
     for start in range(0, n, outer):
-        if adapt and last_rows and uncertified - before > 0.05 * last_rows * n_groups and n_cand < m:
-            # many queries lacked the certificate: a wider candidate set is cheaper than re-scoring them
-            n_cand = min(m, 2 * n_cand)
-            inner = max(1, chunk_elements // (n_cand * (d + 2 * n_groups)))
-            adapt = n_cand < m
-        q = query_u[start : start + outer]
-        y = query_y[start : start + outer]
-        before, last_rows = uncertified, q.shape[0]
+        q, y = query_u[start : start + outer], query_y[start : start + outer]
         sim = q @ bank_u.T
-        cand_sim, cand = sim.topk(n_cand, dim=1)
-        base_ok[start : start + q.shape[0]] = _vote(cand_sim[:, :k], bank_y[cand[:, :k]], num_classes, t) == y
+        old_sim, old_top = sim.topk(k, dim=1)
+        base_ok[start : start + q.shape[0]] = _vote(old_sim, bank_y[old_top], num_classes, t) == y
         _, q_scale = _rest_scale(q, g)  # (c, G)
-        q_groups = F.pad(q, (0, (-d) % g)).reshape(q.shape[0], n_groups, g)
-        heavy_new = (sim[:, bk.heavy.flatten()].reshape(q.shape[0], n_groups, -1)
-                     - torch.einsum("cgd,ghd->cgh", q_groups, bk.heavy_cols)) * q_scale.to(dtype)[..., None] * bk.heavy_scale
+        q_scale = q_scale.to(dtype)
         pred = torch.empty(q.shape[0], n_groups, dtype=torch.long)
-        kth = torch.empty(q.shape[0], n_groups, dtype=torch.float64)
         for s in range(0, q.shape[0], inner):
             sl = slice(s, s + inner)
-            # one row gather: features, rescaling and the heavy penalty (-inf: scored below)
-            rows = bk.rows.index_select(0, cand[sl].flatten()).reshape(-1, n_cand, bk.rows.shape[1])
-            dots = _group_sums(rows[..., :d] * q[sl, None, :], g)  # (c, K, G)
-            new = (cand_sim[sl, :, None] - dots) * q_scale[sl, None, :].to(dtype) * rows[..., d : d + n_groups]
-            new = (new + rows[..., d + n_groups :]).transpose(1, 2)
-            scores = torch.cat([new, heavy_new[sl]], 2)  # (c, G, K + h)
-            top_sim, top_pos = scores.topk(k, dim=2)
-            labels = torch.cat([bank_y[cand[sl]][:, None, :].expand(-1, n_groups, -1),
-                                bk.labels[bk.heavy][None].expand(top_sim.shape[0], -1, -1)], 2).gather(2, top_pos)
-            pred[sl] = _vote(top_sim.reshape(-1, k), labels.reshape(-1, k), num_classes, t).reshape(-1, n_groups)
-            kth[sl] = top_sim[..., -1].double()
-        if n_cand < m:
-            # any other row j: s_ij <= tau_i, x̂_iGᵀx̂_jG >= the column bound, rescaling within its range
-            lower = _group_sums(torch.where(q >= 0, q * bk.col_min, q * bk.col_max), g).double()
-            worst = cand_sim[:, -1:].double() - lower
-            bound = torch.where(worst >= 0, worst * bk.scale_max, worst * bk.scale_min) * q_scale
-            bound = torch.where(bk.vanishing, bound.clamp(min=0.0), bound)  # a vanished row has similarity 0
-            redo = bound >= kth
-            uncertified += int(redo.sum())
-            for gi in torch.nonzero(redo.any(0)).flatten().tolist():  # re-score on the whole bank
-                i = torch.nonzero(redo[:, gi]).flatten()
-                cols = groups[gi]
-                full = (sim[i] - q[i][:, cols] @ bank_u[:, cols].T) * q_scale[i, gi, None].to(dtype) * bk.scale[:, gi]
-                r_sim, r_idx = full.topk(k, dim=1)
-                pred[i, gi] = _vote(r_sim, bank_y[r_idx], num_classes, t)
+            for gi, cols in enumerate(groups):
+                top_sim, top_idx = _removal_top(sim[sl], q[sl][:, cols], group_cols[gi], bank_scale[gi], q_scale[sl, gi],
+                                                old_top[sl], k)
+                pred[sl, gi] = _vote(top_sim, bank_y[top_idx], num_classes, t)
         removed_ok[start : start + q.shape[0]] = pred == y[:, None]
     return RemovalResult(
         groups=groups, base_accuracy=float(base_ok.double().mean()), accuracies=removed_ok.double().mean(0),
         fixed=(removed_ok & ~base_ok[:, None]).sum(0), broken=(~removed_ok & base_ok[:, None]).sum(0),
-        uncertified=uncertified,
     )
 
 

@@ -78,8 +78,7 @@ def _ablation_record(fs: FeatureSet, space: str, group_size: int, num_classes, k
     train, test = fs.splits["train"][space], fs.splits["test"][space]
     knn = ablation.knn_removal(train, fs.labels["train"], test, fs.labels["test"], num_classes, group_size, k=k, t=t)
     record: dict[str, Any] = {"group_size": int(group_size), "removals": len(knn.groups),
-                              "knn": {"base_accuracy": knn.base_accuracy, "uncertified": knn.uncertified,
-                                      "rows": knn.rows()}}
+                              "knn": {"base_accuracy": knn.base_accuracy, "rows": knn.rows()}}
     if linear:
         probe, lam = ablation.ridge_removal(train, fs.labels["train"], test, fs.labels["test"], num_classes, group_size,
                                             seed=seed)
