@@ -4,7 +4,7 @@ weights, optimizer and scheduler states and metrics as an uninterrupted run with
 
 2 epochs of 3 steps; the interruption comes at global step 4, the middle of the second epoch.
 Every case is killed for real: SIGKILL to a child process once the step-4 checkpoint is on disk
-(simclr, moco_v2 and each bilevel regularizer, plus MRCL), while this process trains the
+(simclr, moco_v2, each bilevel regularizer, MRCL, and views made on the device), while this process trains the
 uninterrupted run.  One more case crashes with an exception inside the step (exit 1, an
 unexpected error) and resumes the same way.
 """
@@ -72,9 +72,9 @@ def _crash_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(SSLModule, "training_step", training_step)
 
 
-@pytest.mark.parametrize("preset", ["regularizer=metamask"])
+@pytest.mark.parametrize("preset", ["regularizer=metamask", "regularizer=iclmsr data.augment_on=device"])
 def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path, monkeypatch, preset):
-    args = [*DETERMINISTIC, preset]
+    args = [*DETERMINISTIC, *preset.split()]
     assert main(tiny(tmp_path / "a", *args)) == 0
     with monkeypatch.context() as patch:
         _crash_at(patch, KILL_AT)
@@ -99,9 +99,9 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("preset", [None, "method=moco_v2", "regularizer=metamask", "regularizer=metaug",
-                                    "regularizer=iclmsr", "regularizer=mrcl"])
+                                    "regularizer=iclmsr", "regularizer=mrcl", "data.augment_on=device"])
 def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path, preset):
-    args = [*DETERMINISTIC, *([preset] if preset else [])]
+    args = [*DETERMINISTIC, *(preset.split() if preset else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", CHILD, *tiny(tmp_path / "b", *args)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from .batched_aug import BatchedEvalView, BatchedMultiView, build_batched_ssl_transform
 from .builtin import BACKGROUNDS, SHAPES, BuiltinShapes, generate_builtin
 from .config import (
     AUG_DEFAULTS,
@@ -74,6 +75,10 @@ class DataBundle:
     name: str
     classes: tuple = ()
     config: dict = field(default_factory=dict)  # the validated config, defaults filled in
+    # data.augment_on=device: train_ssl yields the uint8 image and the trainer makes the views of
+    # the whole batch with batch_views (and the un-augmented extras["clean"] with batch_clean)
+    batch_views: BatchedMultiView | None = None
+    batch_clean: BatchedEvalView | None = None
 
 
 @dataclass
@@ -202,11 +207,17 @@ def build_data(cfg: Mapping[str, Any], augmentation: str = "simclr", num_views: 
     if num_views < 1:
         raise DataConfigError(f"num_views must be >= 1, got {num_views}")
     s = _BUILDERS[c["name"]](c)
-    ssl_t = build_ssl_transform(augmentation, c["image_size"], mean, std, num_views, c["aug"], s.stored_size)
     eval_t = build_eval_transform(c["image_size"], mean, std, s.stored_size)
-    train_ssl = s.ssl.with_transform(ssl_t)
-    if clean_view:  # items become (views, label, {"clean": un-augmented image[, "mask": masks]})
-        train_ssl = WithCleanView(train_ssl, s.ssl.with_transform(eval_t, return_mask=False))
+    batch_views = batch_clean = None
+    if c["augment_on"] == "device":  # items are (uint8 image, label); the views are made per batch
+        train_ssl = s.ssl.with_transform(None, return_mask=False)
+        batch_views = build_batched_ssl_transform(augmentation, c["image_size"], mean, std, num_views, c["aug"])
+        batch_clean = BatchedEvalView(c["image_size"], mean, std) if clean_view else None
+    else:
+        ssl_t = build_ssl_transform(augmentation, c["image_size"], mean, std, num_views, c["aug"], s.stored_size)
+        train_ssl = s.ssl.with_transform(ssl_t)
+        if clean_view:  # items become (views, label, {"clean": un-augmented image[, "mask": masks]})
+            train_ssl = WithCleanView(train_ssl, s.ssl.with_transform(eval_t, return_mask=False))
     return DataBundle(
         train_ssl=train_ssl,
         train_eval=s.eval_train.with_transform(eval_t) if s.eval_train is not None else None,
@@ -218,4 +229,6 @@ def build_data(cfg: Mapping[str, Any], augmentation: str = "simclr", num_views: 
         name=c["name"],
         classes=tuple(str(x) for x in s.classes),
         config=c,
+        batch_views=batch_views,
+        batch_clean=batch_clean,
     )

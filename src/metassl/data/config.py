@@ -15,6 +15,8 @@ from .errors import DataConfigError
 
 DATASET_NAMES = ("builtin", "cifar10", "cifar100", "stl10", "imagefolder")
 
+AUGMENT_ON = ("loader", "device")
+
 NORMALIZATIONS = ("imagenet", "dataset", "cifar", "cifar10", "cifar100", "stl10", "none")
 
 #: Augmentation strength keys; ``None`` means "the family's default".  Every value may be
@@ -44,6 +46,10 @@ _COMMON: dict[str, Any] = {
     "std": None,
     "subset": None,
     "test_subset": None,
+    # where the training views are made: `loader` = per sample in the DataLoader (torchvision v2),
+    # `device` = the whole uint8 batch at once on the training device (metassl.data.batched_aug:
+    # same parameter distributions; on a GPU the augmentation runs on the GPU)
+    "augment_on": "loader",
     "aug": {},
 }
 
@@ -176,6 +182,10 @@ def _check_values(c: dict[str, Any]) -> None:
     _check((c["mean"] is None) == (c["std"] is None), "data.mean and data.std must be given together")
     if c["std"] is not None:
         _check(all(x > 0 for x in c["std"]), f"data.std must be positive, got {c['std']!r}")
+    _check(c["augment_on"] in AUGMENT_ON, f"data.augment_on must be one of {', '.join(AUGMENT_ON)}; got {c['augment_on']!r}")
+    if c["augment_on"] == "device" and c.get("return_mask"):
+        raise DataConfigError("data.return_mask=true needs data.augment_on=loader: the foreground masks travel through the "
+                              "per-sample crops and flips, which data.augment_on=device does not carry them through")
     for key in ("subset", "test_subset"):
         v = c[key]
         _check(v is None or (_is_int(v) and v > 0), f"data.{key} must be null or a positive int, got {v!r}")

@@ -58,12 +58,13 @@ _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
 _GRAY_WEIGHTS = torch.tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)  # torchvision's luma weights
 
 
-def adjust_hue_fast(img: torch.Tensor, hue_factor: float) -> torch.Tensor:
+def adjust_hue_fast(img: torch.Tensor, hue_factor: float | torch.Tensor) -> torch.Tensor:
     """Exact HSV hue rotation of a float image in [0, 1], shape (..., 3, H, W).
 
     Same result as torchvision's ``F.adjust_hue`` (up to float rounding) with fewer ops.
+    ``hue_factor`` may be a tensor broadcastable to (..., H, W), e.g. (B, 1, 1): one per sample.
     """
-    if hue_factor == 0.0:
+    if not isinstance(hue_factor, torch.Tensor) and hue_factor == 0.0:
         return img
     # amin/amax, not aminmax: same values, but aminmax stalls (ms instead of µs) when the cores are oversubscribed
     mn, mx = img.amin(dim=-3), img.amax(dim=-3)

@@ -5,7 +5,9 @@ DataLoader was inside its epoch nor the random generators.  Here:
 
 - :class:`ResumableSampler` draws the epoch's permutation as ``RandomSampler`` does (a seed taken
   from the global torch generator, so default runs see the same order as with ``shuffle=True``),
-  or, with ``seeded=True`` (``trainer.deterministic=true``), from ``(seed, epoch)`` alone.  Its
+  or, with ``seeded=True`` (``trainer.deterministic=true``) or ``seeded_order=True``
+  (``data.augment_on=device``, whose views are seeded per batch), from ``(seed, epoch)`` alone, so
+  that runs with the same seed (a base method and base + regularizer) see the same order.  Its
   state (epoch, permutation seed, batches already trained) goes in the checkpoint; after a
   resume it yields the rest of that epoch only.
 - :class:`SeededItems` makes each sample's augmentation a function of ``(seed, epoch, index)``
@@ -29,8 +31,10 @@ _MIX = 1_000_003  # seed * _MIX + epoch: distinct generator seeds for every (see
 class ResumableSampler(Sampler):
     """A shuffling sampler over ``range(n)`` whose position inside an epoch can be restored."""
 
-    def __init__(self, n: int, *, seed: int = 0, seeded: bool = False, batch_size: int = 1) -> None:
+    def __init__(self, n: int, *, seed: int = 0, seeded: bool = False, batch_size: int = 1,
+                 seeded_order: bool | None = None) -> None:
         self.n, self.seed, self.seeded, self.batch_size = int(n), int(seed), bool(seeded), int(batch_size)
+        self.seeded_order = self.seeded if seeded_order is None else bool(seeded_order)  # permutation from (seed, epoch)
         self.epoch = 0
         self.epoch_seed: int | None = None  # the permutation seed of the epoch being iterated
         self._resume: dict[str, int] | None = None  # a loaded state, applied to its own epoch only
@@ -50,7 +54,7 @@ class ResumableSampler(Sampler):
         skip = self._skip()
         if r is not None and r["epoch"] == self.epoch:
             seed = int(r["epoch_seed"])
-        elif self.seeded:
+        elif self.seeded_order:
             seed = self.seed * _MIX + self.epoch
         else:  # as torch's RandomSampler: one draw from the global generator per epoch
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
@@ -93,6 +97,12 @@ class SeededItems(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * _MIX + int(epoch)) * _MIX + int(index))
             return self.dataset[int(index)]
+
+
+def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """The seed of one training batch's views under ``data.augment_on=device``: distinct for every
+    (seed, rank, epoch, batch), the same on a rerun and after a resume."""
+    return ((((int(seed) * _MIX + int(rank)) * _MIX + int(epoch)) * _MIX + int(batch)) % (1 << 63))
 
 
 def capture_rng() -> dict[str, Any]:

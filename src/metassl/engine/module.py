@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from typing import Any, Mapping
 
@@ -10,7 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from metassl.engine.data_order import ResumableSampler, capture_rng, restore_rng
+from metassl.engine.data_order import ResumableSampler, batch_seed, capture_rng, restore_rng
 from metassl.engine.evaluation import label_free_metrics, training_dataset
 from metassl.engine.faults import NonFinitePolicy
 from metassl.engine.optim import build_optimizer, lr_lambda
@@ -67,6 +68,10 @@ class SSLModule(L.LightningModule):
         )
         self.train_sampler: ResumableSampler | None = None  # set by the engine: its position goes in checkpoints
         self._pending_rng: dict[str, Any] | None = None  # random state of a loaded checkpoint, set at the next batch
+        # data.augment_on=device (set by the engine): the views of each uint8 batch, made on its device
+        self.batch_views: Any = None
+        self.batch_clean: Any = None
+        self._throughput: list[float] = [0.0, 0.0, 0.0]  # epoch start, last batch end, images this epoch
 
     # -- features --------------------------------------------------------------------------
     def eval_transform(self) -> nn.Module | None:
@@ -123,9 +128,24 @@ class SSLModule(L.LightningModule):
         if self.cfg["trainer"]["channels_last"]:
             self.method.to(memory_format=torch.channels_last)
 
+    def _views_on_device(self, images: Any, batch_idx: int, extras: dict[str, torch.Tensor]):
+        """``data.augment_on=device``: the views (and ``extras["clean"]``) of the whole uint8 batch,
+        drawn from a generator seeded by (seed, rank, epoch, batch)."""
+        if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
+            raise RuntimeError("data.augment_on=device expects uint8 image batches from the training loader; got "
+                               f"{type(images).__name__} (build the data with metassl.data.build_data)")
+        generator = torch.Generator().manual_seed(
+            batch_seed(int(self.cfg.get("seed", 0)), self.global_rank, self.current_epoch, batch_idx))
+        views = self.batch_views(images, generator)
+        if self.batch_clean is not None:
+            extras = {**extras, "clean": self.batch_clean(images)}
+        return views, extras
+
     def training_step(self, batch, batch_idx):
         views, labels = batch[0], batch[1]
         extras = batch_extras(batch)
+        if self.batch_views is not None:
+            views, extras = self._views_on_device(views, batch_idx, extras)
         if self.cfg["trainer"]["channels_last"]:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         optimizers = self.optimizers()
@@ -200,6 +220,21 @@ class SSLModule(L.LightningModule):
         self._pending_rng = state.get("rng")
         if self.train_sampler is not None and "sampler" in state:
             self.train_sampler.load_state_dict(state["sampler"])
+
+    def on_train_epoch_start(self) -> None:
+        self._throughput = [time.perf_counter(), 0.0, 0.0]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        images = batch[0] if isinstance(batch[0], torch.Tensor) else batch[0][0]
+        self._throughput[1] = time.perf_counter()
+        self._throughput[2] += images.shape[0] * self.trainer.world_size
+
+    def on_train_epoch_end(self) -> None:
+        """``train/images_per_s``: training images (all ranks) per second of this epoch, end to end
+        (data loading and augmentation included, the validation kNN after the last batch not)."""
+        start, end, images = self._throughput
+        if images and end > start:
+            self.log("train/images_per_s", images / (end - start), on_step=False, on_epoch=True)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._pending_rng is not None:  # after restoring: the generators as they were when the checkpoint was taken

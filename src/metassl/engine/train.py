@@ -161,7 +161,8 @@ def single_process(cfg: DictConfig) -> bool:
 def make_loaders(cfg: DictConfig, bundle: DataBundle) -> tuple[DataLoader, list[DataLoader]]:
     """The training loader and the two kNN-monitor loaders.  In one process the training loader
     uses a :class:`ResumableSampler` (its place in the epoch is checkpointed); with
-    ``trainer.deterministic=true`` each sample's augmentation is seeded by (seed, epoch, index)."""
+    ``trainer.deterministic=true`` each sample's augmentation is seeded by (seed, epoch, index);
+    with ``data.augment_on=device`` the order is seeded by (seed, epoch) and the views by batch."""
     workers = resolve_num_workers(cfg.num_workers)
     pin = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
@@ -171,7 +172,8 @@ def make_loaders(cfg: DictConfig, bundle: DataBundle) -> tuple[DataLoader, list[
         )
     if single_process(cfg):
         seeded = bool(cfg.trainer.deterministic)
-        sampler = ResumableSampler(len(bundle.train_ssl), seed=int(cfg.seed), seeded=seeded, batch_size=int(cfg.batch_size))
+        sampler = ResumableSampler(len(bundle.train_ssl), seed=int(cfg.seed), seeded=seeded, batch_size=int(cfg.batch_size),
+                                   seeded_order=seeded or bundle.batch_views is not None)
         dataset = SeededItems(bundle.train_ssl, int(cfg.seed)) if seeded else bundle.train_ssl
         generator = torch.Generator().manual_seed(int(cfg.seed)) if seeded else None  # workers' seeds off the global stream
         train = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, generator=generator, **common)
@@ -254,6 +256,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = SSLModule(module_cfg, num_classes=bundle.num_classes)
     except (ValueError, KeyError, TypeError) as err:  # a value the builders reject, e.g. metamask grad_mode, a backbone keyword
         raise ConfigError(str(err).strip("'\"").splitlines()[0]) from None
+    module.batch_views, module.batch_clean = bundle.batch_views, bundle.batch_clean  # data.augment_on=device
     held_out = knn_val_mask(len(bundle.train_eval), float(cfg.eval.val_fraction), int(cfg.seed))
     module.knn_val_mask = held_out if bool(held_out.any()) else None  # eval.val_fraction=0: no validation kNN
     _check_knn_k(cfg, int((~held_out).sum()) if bool(held_out.any()) else len(bundle.train_eval))
