@@ -314,3 +314,16 @@ def test_label_free_metrics_match_the_metric_functions_and_leave_the_rng_alone()
     second = images[:12] + torch.stack(noise)
     assert out["val/alignment"] == pytest.approx(redundancy.alignment(images[:12], second), rel=1e-6)
     assert set(label_free_metrics(feats)) == {"val/rankme", "val/uniformity"}
+
+
+def test_auto_extraction_precision_follows_the_training_rule(monkeypatch):
+    from metassl.analysis import features
+    from metassl.engine import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert features.resolve_extraction_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert features.resolve_extraction_precision("auto", "cpu") == "fp32"
+    assert features.resolve_extraction_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        features.resolve_extraction_precision("fp16", "cpu")

@@ -100,6 +100,7 @@ def test_bf16_extraction_matches_fp32_and_has_its_own_cache(report, runs, tmp_pa
     record = json.loads((tmp_path / "analysis.json").read_text())
     first = json.loads((report / "analysis.json").read_text())["runs"][0]
     assert record["options"]["precision"] == "bf16" and not record["runs"][0]["features"]["from_cache"]
+    assert record["runs"][0]["features"]["precision"] == "bf16"
     fp32 = torch.load(report / "features.pt")["splits"]["test"]["backbone"]
     bf16 = torch.load(tmp_path / "features.pt")["splits"]["test"]["backbone"]
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape

@@ -269,6 +269,19 @@ def weights_fingerprint(*modules: nn.Module | None) -> str:
     return digest.hexdigest()
 
 
+def resolve_extraction_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """``fp32`` or ``bf16``; ``auto`` is bf16 where the device computes it natively (CPUs with
+    AVX512-BF16/AMX/Arm BF16, CUDA GPUs from Ampere on), as ``trainer.precision=auto`` chooses."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}; use auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    from metassl.engine.precision import resolve_precision
+
+    accelerator = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    return "bf16" if resolve_precision("auto", accelerator).startswith("bf16") else "fp32"
+
+
 def extract_feature_set(
     source: Source,
     cache_path: Path | None,
@@ -278,18 +291,18 @@ def extract_feature_set(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> FeatureSet:
     """Features of the labelled train split, the test split, ``foreground_test`` (the test
     images with their background filled, when given) and the positive pairs; read from
     ``cache_path`` when it holds them for the same weights, data and options, else extracted
-    and written there.  ``precision="bf16"`` runs the forward passes under bf16 autocast with
+    and written there.  ``precision="bf16"`` (``auto`` where the device has native bf16,
+    :func:`resolve_extraction_precision`) runs the forward passes under bf16 autocast with
     channels-last activations (about 2-3x faster on CPUs with bf16 units; features are returned
     in float32 either way)."""
     from metassl.data.utils import cache_key
 
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision={precision!r}; use fp32 or bf16")
+    precision = resolve_extraction_precision(precision, device)
     autocast = torch.bfloat16 if precision == "bf16" else None
 
     names = source.spaces()

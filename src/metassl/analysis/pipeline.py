@@ -19,7 +19,14 @@ import torch
 from metassl.analysis import ablation, figures, redundancy
 from metassl.analysis.background import background_dependence, background_sensitivity, foreground_test_split
 from metassl.analysis.embedding import available_methods, embed_2d, stratified_subsample
-from metassl.analysis.features import FeatureSet, Source, extract_feature_set, load_source, per_dimension_gate
+from metassl.analysis.features import (
+    FeatureSet,
+    Source,
+    extract_feature_set,
+    load_source,
+    per_dimension_gate,
+    resolve_extraction_precision,
+)
 from metassl.errors import MetasslError
 from metassl.eval.knn import knn_accuracy
 
@@ -38,7 +45,7 @@ class AnalysisOptions:
     dead_tol: float = 1e-2
     redundancy_threshold: float = 0.9
     device: str = "cpu"
-    precision: str = "fp32"  # feature extraction: fp32 | bf16 (autocast + channels-last)
+    precision: str = "auto"  # feature extraction: auto (bf16 where native, as training) | fp32 | bf16 (autocast + channels-last)
     batch_size: int | None = None  # None: eval.batch_size of the run
 
 
@@ -189,7 +196,8 @@ def analyze_source(source: Source, out_dir: Path, opts: AnalysisOptions, *, cach
     result["timings_s"] = {"features": extract_s, **result["timings_s"]}
     result["features"] = {"cache": str(out_dir / cache_name), "from_cache": fs.cached,
                           "splits": {s: int(v["backbone"].shape[0]) for s, v in fs.splits.items()},
-                          "spaces": list(fs.splits["test"]), "foreground_fill": fill}
+                          "spaces": list(fs.splits["test"]), "foreground_fill": fill,
+                          "precision": resolve_extraction_precision(opts.precision, opts.device)}
     return result, pics
 
 
