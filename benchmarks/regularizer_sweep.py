@@ -85,7 +85,7 @@ def main() -> None:
     for key, reg in cells:
         if "knn_top1" in results.get(key, {}):
             continue
-        folder = runs / (f"{args.method}-none-s{args.seed}" if reg == "none" else f"{args.method}-{key}-s{args.seed}")
+        folder = runs / (f"{args.method}-none-s{args.seed}" if reg == "none" else f"{args.method}-{key.replace('=', '-')}-s{args.seed}")
         extra = common + ([] if reg == "none" else [f"regularizer.{key}", *args.extra])
         cmd = train_args(folder, args.method, reg, args.seed, extra)
         print(f"running {key} ...", flush=True)

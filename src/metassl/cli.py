@@ -75,6 +75,10 @@ def _bench(args: argparse.Namespace) -> int:
         from metassl.bench.speed import main as speed_main
 
         return speed_main(args.bench_args)
+    if args.what == "accuracy":
+        from metassl.bench.accuracy import main as accuracy_main
+
+        return accuracy_main(args.bench_args)
     raise AssertionError(args.what)
 
 
@@ -133,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="dimensions removed together (default: 1 up to 128 dims, else 8)")
     p.add_argument("--no-linear", action="store_true", help="skip the ridge-probe ablation")
     p.add_argument("--device", default="cpu", help="where features are extracted (cpu, cuda)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="feature extraction in fp32, or bf16 autocast + channels-last (faster on CPUs with bf16 units)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="feature extraction: auto (bf16 where the device computes it natively, as training), fp32, or "
+                        "bf16 autocast + channels-last")
     p.add_argument("overrides", nargs="*", help="eval.*, data.* or seed overrides, e.g. data.root=PATH eval.knn.k=20")
     p.set_defaults(func=_analyze)
 
-    p = sub.add_parser("bench", help="benchmarks: `metassl bench speed --help`")
-    p.add_argument("what", choices=["speed"])
+    p = sub.add_parser("bench", help="benchmarks: `metassl bench speed --help`, `metassl bench accuracy --help`")
+    p.add_argument("what", choices=["speed", "accuracy"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=_bench)
 

@@ -32,6 +32,7 @@ from .config import (
 from .datasets import ConcatSource, ImageDataset, WithCleanView
 from .errors import CorruptImageError, DataConfigError, DataError, DatasetNotFoundError
 from .folder import ImageFileSource, load_folder_tensor, scan_labelled, scan_unlabelled, spread_indices
+from .lab import LAB_MEAN, LAB_STD, BatchedSplitLabViews
 from .standard import load_cifar, load_stl10
 from .transforms import (
     ColorJitterFast,
@@ -77,7 +78,7 @@ class DataBundle:
     config: dict = field(default_factory=dict)  # the validated config, defaults filled in
     # data.augment_on=device: train_ssl yields the uint8 image and the trainer makes the views of
     # the whole batch with batch_views (and the un-augmented extras["clean"] with batch_clean)
-    batch_views: BatchedMultiView | None = None
+    batch_views: BatchedMultiView | BatchedSplitLabViews | None = None
     batch_clean: BatchedEvalView | None = None
 
 
@@ -200,21 +201,24 @@ def build_data(cfg: Mapping[str, Any], augmentation: str = "simclr", num_views: 
 
     ``augmentation`` is a family (``simclr``, ``byol``, ``none``) or a method alias
     (``moco_v2``, ``simsiam``, ``barlow_twins``, ``vicreg``); strengths come from ``cfg['aug']``.
+    ``color_space=lab`` (``cfg['lab_views']``: full | split) ignores ``normalization``; the bundle's
+    mean/std are then the Lab mid values and half ranges the images were scaled by.
     """
     c = validate_data_config(cfg)
     mean, std = resolve_normalization(c["normalization"], c["name"], c["mean"], c["std"])
+    color = {"color_space": c["color_space"], "lab_views": c["lab_views"]}
     resolve_augmentation(augmentation, c["image_size"], c["aug"])  # fail before any loading
     if num_views < 1:
         raise DataConfigError(f"num_views must be >= 1, got {num_views}")
     s = _BUILDERS[c["name"]](c)
-    eval_t = build_eval_transform(c["image_size"], mean, std, s.stored_size)
+    eval_t = build_eval_transform(c["image_size"], mean, std, s.stored_size, c["color_space"])
     batch_views = batch_clean = None
     if c["augment_on"] == "device":  # items are (uint8 image, label); the views are made per batch
         train_ssl = s.ssl.with_transform(None, return_mask=False)
-        batch_views = build_batched_ssl_transform(augmentation, c["image_size"], mean, std, num_views, c["aug"])
-        batch_clean = BatchedEvalView(c["image_size"], mean, std) if clean_view else None
+        batch_views = build_batched_ssl_transform(augmentation, c["image_size"], mean, std, num_views, c["aug"], **color)
+        batch_clean = BatchedEvalView(c["image_size"], mean, std, c["color_space"]) if clean_view else None
     else:
-        ssl_t = build_ssl_transform(augmentation, c["image_size"], mean, std, num_views, c["aug"], s.stored_size)
+        ssl_t = build_ssl_transform(augmentation, c["image_size"], mean, std, num_views, c["aug"], s.stored_size, **color)
         train_ssl = s.ssl.with_transform(ssl_t)
         if clean_view:  # items become (views, label, {"clean": un-augmented image[, "mask": masks]})
             train_ssl = WithCleanView(train_ssl, s.ssl.with_transform(eval_t, return_mask=False))
@@ -224,8 +228,8 @@ def build_data(cfg: Mapping[str, Any], augmentation: str = "simclr", num_views: 
         test=s.test.with_transform(eval_t) if s.test is not None else None,
         num_classes=len(s.classes),
         image_size=c["image_size"],
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=LAB_MEAN if c["color_space"] == "lab" else tuple(mean),
+        std=LAB_STD if c["color_space"] == "lab" else tuple(std),
         name=c["name"],
         classes=tuple(str(x) for x in s.classes),
         config=c,

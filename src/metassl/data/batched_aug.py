@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
+from .config import check_color_options
 from .errors import DataConfigError
+from .lab import BatchedSplitLabViews, rgb_to_lab_normalized
 from .transforms import (
     _per_view,
     adjust_contrast_fast,
@@ -54,6 +56,7 @@ __all__ = [
     "BatchedEvalView", "BatchedMultiView", "BatchedViewAugment", "build_batched_ssl_transform",
     "check_images", "color_jitter_batch", "crop_resize", "flip_where", "gaussian_blur_batch",
     "gaussian_kernels_1d", "grayscale_where", "normalize_batch", "sample_crop_boxes", "solarize_where",
+    "to_model_input",
 ]
 
 #: RandomResizedCrop's aspect-ratio range and number of tries
@@ -247,6 +250,11 @@ def _check_norm(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+def to_model_input(img: torch.Tensor, mean, std, color_space: str = "rgb") -> torch.Tensor:
+    """A float batch in [0, 1] normalised with mean/std (``rgb``) or as Lab in [-1, 1] (``lab``)."""
+    return rgb_to_lab_normalized(img) if color_space == "lab" else normalize_batch(img, mean, std)
+
+
 def _check_size(image_size: Any) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
@@ -259,9 +267,11 @@ def _check_size(image_size: Any) -> int:
 class BatchedViewAugment:
     """One augmented view for a whole uint8 batch, from the strengths ``build_view_transform`` takes."""
 
-    def __init__(self, params: Mapping[str, Any], view: int, image_size: int, mean, std):
+    def __init__(self, params: Mapping[str, Any], view: int, image_size: int, mean, std, color_space: str = "rgb"):
         self.image_size = _check_size(image_size)
         self.mean, self.std = _check_norm(mean, std)
+        check_color_options(color_space, "full")
+        self.color_space = color_space
         p = {k: _per_view(v, view) for k, v in params.items()}
         self.p = p
         if not 0 < p["crop_scale_min"] <= p["crop_scale_max"] <= 1:
@@ -318,7 +328,7 @@ class BatchedViewAugment:
             x = _blur_where(x, params["blur"], params["sigma"], self.kernel_size)
         if self.p["solarize_p"] > 0:
             x = solarize_where(x, params["solarize"])
-        return normalize_batch(x, self.mean, self.std)
+        return to_model_input(x, self.mean, self.std, self.color_space)
 
     def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         check_images(images)
@@ -332,9 +342,11 @@ class BatchedViewAugment:
 class BatchedEvalView:
     """The eval transform for a batch: (resize + centre crop if sizes differ), scale, normalise."""
 
-    def __init__(self, image_size: int, mean, std):
+    def __init__(self, image_size: int, mean, std, color_space: str = "rgb"):
         self.image_size = _check_size(image_size)
         self.mean, self.std = _check_norm(mean, std)
+        check_color_options(color_space, "full")
+        self.color_space = color_space
 
     def sample(self, batch_size: int, height: int, width: int, generator=None, device=None) -> dict[str, torch.Tensor]:
         return {}
@@ -344,7 +356,7 @@ class BatchedEvalView:
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = TF.resize(images, [self.image_size], antialias=True)
             images = TF.center_crop(images, [self.image_size, self.image_size])
-        return normalize_batch(images.float().div_(255.0), self.mean, self.std)
+        return to_model_input(images.float().div_(255.0), self.mean, self.std, self.color_space)
 
     def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         return self.apply(images)
@@ -374,12 +386,19 @@ class BatchedMultiView:
 
 def build_batched_ssl_transform(
     augmentation: str, image_size: int, mean, std, num_views: int = 2,
-    overrides: Mapping[str, Any] | None = None,
-) -> BatchedMultiView:
-    """Batched counterpart of ``build_ssl_transform`` (``'none'``: eval views)."""
+    overrides: Mapping[str, Any] | None = None, color_space: str = "rgb", lab_views: str = "full",
+) -> BatchedMultiView | BatchedSplitLabViews:
+    """Batched counterpart of ``build_ssl_transform`` (``'none'``: eval views; ``lab_views=split``:
+    one crop per sample, view 0's strengths, split into the L and ab views)."""
+    check_color_options(color_space, lab_views)
     if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
         raise DataConfigError(f"num_views must be an int >= 1, got {num_views!r}")
     family, params = resolve_augmentation(augmentation, image_size, overrides)
     if family == "none":
-        return BatchedMultiView([BatchedEvalView(image_size, mean, std)] * num_views)
-    return BatchedMultiView([BatchedViewAugment(params, i, image_size, mean, std) for i in range(num_views)])
+        view = BatchedEvalView(image_size, mean, std, color_space)
+        return BatchedSplitLabViews(view, num_views) if lab_views == "split" else BatchedMultiView([view] * num_views)
+    if lab_views == "split":
+        return BatchedSplitLabViews(BatchedViewAugment(params, 0, image_size, mean, std, "lab"), num_views)
+    return BatchedMultiView(
+        [BatchedViewAugment(params, i, image_size, mean, std, color_space) for i in range(num_views)]
+    )

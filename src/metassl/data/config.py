@@ -17,6 +17,10 @@ DATASET_NAMES = ("builtin", "cifar10", "cifar100", "stl10", "imagefolder")
 
 AUGMENT_ON = ("loader", "device")
 
+COLOR_SPACES = ("rgb", "lab")
+
+LAB_VIEWS = ("full", "split")
+
 NORMALIZATIONS = ("imagenet", "dataset", "cifar", "cifar10", "cifar100", "stl10", "none")
 
 #: Augmentation strength keys; ``None`` means "the family's default".  Every value may be
@@ -50,6 +54,12 @@ _COMMON: dict[str, Any] = {
     # `device` = the whole uint8 batch at once on the training device (metassl.data.batched_aug:
     # same parameter distributions; on a GPU the augmentation runs on the GPU)
     "augment_on": "loader",
+    # `lab`: views and eval images converted to CIE Lab, each channel scaled to [-1, 1] by its range
+    # (metassl.data.lab; replaces normalization/mean/std)
+    "color_space": "rgb",
+    # with lab: `full` = two augmented Lab views; `split` = one crop per sample, split into an L view
+    # and an ab view (CMC / MetAug's official views)
+    "lab_views": "full",
     "aug": {},
 }
 
@@ -168,6 +178,14 @@ def validate_data_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_color_options(color_space: Any, lab_views: Any) -> None:
+    """One DataConfigError for an unknown ``color_space`` / ``lab_views`` or ``split`` with RGB."""
+    _check(color_space in COLOR_SPACES, f"data.color_space must be one of {', '.join(COLOR_SPACES)}; got {color_space!r}")
+    _check(lab_views in LAB_VIEWS, f"data.lab_views must be one of {', '.join(LAB_VIEWS)}; got {lab_views!r}")
+    _check(lab_views != "split" or color_space == "lab",
+           "data.lab_views=split splits the Lab channels: set data.color_space=lab too (or data.lab_views=full)")
+
+
 def _check_values(c: dict[str, Any]) -> None:
     name = c["name"]
     _check(_is_int(c["image_size"]) and c["image_size"] >= 8, f"data.image_size must be an int >= 8, got {c['image_size']!r}")
@@ -182,6 +200,10 @@ def _check_values(c: dict[str, Any]) -> None:
     _check((c["mean"] is None) == (c["std"] is None), "data.mean and data.std must be given together")
     if c["std"] is not None:
         _check(all(x > 0 for x in c["std"]), f"data.std must be positive, got {c['std']!r}")
+    check_color_options(c["color_space"], c["lab_views"])
+    _check(c["color_space"] != "lab" or c["mean"] is None,
+           "data.mean/data.std normalise RGB, data.color_space=lab scales L, a, b by their ranges instead: "
+           "drop data.mean and data.std (or use data.color_space=rgb)")
     _check(c["augment_on"] in AUGMENT_ON, f"data.augment_on must be one of {', '.join(AUGMENT_ON)}; got {c['augment_on']!r}")
     if c["augment_on"] == "device" and c.get("return_mask"):
         raise DataConfigError("data.return_mask=true needs data.augment_on=loader: the foreground masks travel through the "

@@ -35,7 +35,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from .errors import CorruptImageError, DataConfigError, DatasetNotFoundError
-from .transforms import ScaleNormalize, resolve_normalization
+from .transforms import model_input_op, resolve_normalization
 
 __all__ = [
     "FOLDER_LAYOUT", "IGNORE_INDEX", "MaskPairs", "SegmentationFolder", "fit_pair", "read_mask", "scan_segmentation_folder",
@@ -166,12 +166,13 @@ class SegmentationFolder(Dataset):
     """``(image, mask)`` pairs of one split of an image/mask folder (layout in the module docstring).
 
     ``num_classes`` bounds the class indices (a value ``>= num_classes`` other than 255 is an
-    error naming the file); ``mean``/``std`` normalise the image like the run's eval transform.
+    error naming the file); ``mean``/``std`` (or ``color_space="lab"``) normalise the image like the
+    run's eval transform.
     """
 
     def __init__(
         self, root: str | os.PathLike, split: str, image_size: int, mean: Sequence[float], std: Sequence[float],
-        num_classes: int | None = None,
+        num_classes: int | None = None, color_space: str = "rgb",
     ) -> None:
         if split not in ("train", "test"):
             raise DataConfigError(f"split must be 'train' or 'test', got {split!r}")
@@ -180,7 +181,7 @@ class SegmentationFolder(Dataset):
         self.pairs = scan_segmentation_folder(root, split)
         self.image_size = int(image_size)
         self.num_classes = num_classes
-        self.normalize = ScaleNormalize(mean, std)
+        self.normalize = model_input_op(mean, std, color_space)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -245,8 +246,8 @@ def segmentation_splits(
         raise DataConfigError(f"eval.segment.num_classes={num_classes} must be in [2, {IGNORE_INDEX}] (index {IGNORE_INDEX} marks ignored pixels)")
     mean, std = resolve_normalization(data["normalization"], data["name"], data["mean"], data["std"])
     size = int(image_size if image_size is not None else data["image_size"])
-    train = SegmentationFolder(dataset, "train", size, mean, std, num_classes)
-    test = SegmentationFolder(dataset, "test", size, mean, std, num_classes)
+    train = SegmentationFolder(dataset, "train", size, mean, std, num_classes, data.get("color_space", "rgb"))
+    test = SegmentationFolder(dataset, "test", size, mean, std, num_classes, data.get("color_space", "rgb"))
     if num_classes is None:
         num_classes = train.largest_class_index() + 1
         if not 2 <= num_classes <= IGNORE_INDEX:

@@ -15,6 +15,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .config import check_color_options
 from .errors import DataConfigError
 
 # ----------------------------------------------------------------------------- normalisation
@@ -278,7 +279,19 @@ def blur_kernel_size(image_size: int) -> int:
     return k if k % 2 == 1 else k + 1
 
 
-def build_view_transform(params: Mapping[str, Any], view: int, image_size: int, mean, std) -> v2.Compose:
+def model_input_op(mean, std, color_space: str = "rgb") -> v2.Transform:
+    """A pipeline's last op: ScaleNormalize (``rgb``) or LabNormalize (``lab``: RGB → Lab in [-1, 1]
+    per channel, :mod:`.lab`; ``mean``/``std`` unused)."""
+    if color_space == "lab":
+        from .lab import LabNormalize  # lazy: .lab imports this module
+
+        return LabNormalize()
+    return ScaleNormalize(mean, std)
+
+
+def build_view_transform(
+    params: Mapping[str, Any], view: int, image_size: int, mean, std, color_space: str = "rgb"
+) -> v2.Compose:
     """The augmentation pipeline of view number ``view`` from resolved strengths."""
     p = {k: _per_view(v, view) for k, v in params.items()}
     lo, hi = p["crop_scale_min"], p["crop_scale_max"]
@@ -301,16 +314,18 @@ def build_view_transform(params: Mapping[str, Any], view: int, image_size: int, 
         ops.append(blur if p["blur_p"] >= 1 else v2.RandomApply([blur], p=p["blur_p"]))
     if p["solarize_p"] > 0:
         ops.append(v2.RandomSolarize(threshold=0.5, p=p["solarize_p"]))
-    ops.append(ScaleNormalize(mean, std))
+    ops.append(model_input_op(mean, std, color_space))
     return v2.Compose(ops)
 
 
-def build_eval_transform(image_size: int, mean, std, stored_size: int | None = None) -> v2.Compose:
-    """Deterministic test transform: (resize + centre crop if sizes differ) then normalise."""
+def build_eval_transform(
+    image_size: int, mean, std, stored_size: int | None = None, color_space: str = "rgb"
+) -> v2.Compose:
+    """Deterministic test transform: (resize + centre crop if sizes differ) then normalise (or Lab)."""
     ops: list[Any] = []
     if stored_size is not None and stored_size != image_size:
         ops += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    ops.append(ScaleNormalize(mean, std))
+    ops.append(model_input_op(mean, std, color_space))
     return v2.Compose(ops)
 
 
@@ -322,15 +337,26 @@ def build_ssl_transform(
     num_views: int = 2,
     overrides: Mapping[str, Any] | None = None,
     stored_size: int | None = None,
+    color_space: str = "rgb",
+    lab_views: str = "full",
 ) -> MultiViewTransform:
     """MultiViewTransform of ``num_views`` augmented views for an augmentation family.
 
-    ``augmentation='none'`` gives ``num_views`` copies of the eval transform.
+    ``augmentation='none'`` gives ``num_views`` copies of the eval transform.  ``color_space=lab``
+    ends every pipeline in Lab; ``lab_views=split`` makes ONE crop (view 0's pipeline) per sample
+    and splits it into the L and ab views (:class:`.lab.SplitLabViews`).
     """
+    from .lab import SplitLabViews  # lazy: .lab imports this module
+
+    check_color_options(color_space, lab_views)
     if num_views < 1:
         raise DataConfigError(f"num_views must be >= 1, got {num_views}")
     family, params = resolve_augmentation(augmentation, image_size, overrides)
     if family == "none":
-        t = build_eval_transform(image_size, mean, std, stored_size)
-        return MultiViewTransform([t] * num_views)
-    return MultiViewTransform([build_view_transform(params, i, image_size, mean, std) for i in range(num_views)])
+        t = build_eval_transform(image_size, mean, std, stored_size, color_space)
+        return SplitLabViews(t, num_views) if lab_views == "split" else MultiViewTransform([t] * num_views)
+    if lab_views == "split":
+        return SplitLabViews(build_view_transform(params, 0, image_size, mean, std, "lab"), num_views)
+    return MultiViewTransform(
+        [build_view_transform(params, i, image_size, mean, std, color_space) for i in range(num_views)]
+    )

@@ -106,8 +106,10 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _display_stats(normalization, dataset, mean, std) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The data's normalisation (mean, std) for un-normalising the PNG; None: not known."""
+def _display_stats(normalization, dataset, mean, std, color_space: str = "rgb") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The data's normalisation (mean, std) for un-normalising the PNG; None: not known (or Lab input)."""
+    if color_space == "lab":
+        return None
     if mean is not None or std is not None:
         if mean is None or std is None or len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mrcl: display_mean and display_std must both be [r, g, b] lists; got {mean!r}, {std!r}")
@@ -147,6 +149,7 @@ class MRCL(Regularizer):
         display_dataset: str | None = None,
         display_mean: Sequence[float] | None = None,
         display_std: Sequence[float] | None = None,
+        display_color_space: str = "rgb",
     ) -> None:
         super().__init__()
         try:
@@ -177,7 +180,7 @@ class MRCL(Regularizer):
             raise ValueError(f"mrcl: rec_fraction must be in (0, 1] (the share of each masked view's samples that are "
                              f"masked and reconstructed, e.g. 0.25); got {rec_fraction!r}")
         self.rec_fraction = float(rec_fraction)
-        self.display = _display_stats(display_normalization, display_dataset, display_mean, display_std)
+        self.display = _display_stats(display_normalization, display_dataset, display_mean, display_std, display_color_space)
         self.decoder: nn.Module | None = None
         self._stats: dict[str, torch.Tensor] = {}
         #: the last training step's first masked view, NUM_DISPLAY samples on the CPU

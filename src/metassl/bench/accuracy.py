@@ -1,0 +1,330 @@
+"""``metassl bench accuracy``: paired multi-seed "base vs base + regularizer" accuracy.
+
+Every cell ``method=M regularizer=R seed=S`` is one ``metassl train`` in its own process, in its
+own run folder with ``resume=auto`` (an interrupted run continues from its last checkpoint).  A
+finished cell (``summary.json`` there, and the command recorded beside it equal to this cell's) is
+read back, not rerun.  Runs are ordered seed by seed (base, then each regularizer), and
+``<out>/results.json``, ``<out>/runs/<cell>.json`` and ``<out>/table.md`` are rewritten after every
+run; ``knn_curves.png`` and ``paired_differences.png`` at the end of a sitting.
+
+Usage::
+
+    metassl bench accuracy --protocol cpu_cifar --data-root PATH --methods simclr --regularizers none,metamask --seeds 0,1,2
+    metassl bench accuracy --protocol gpu_cifar10 --data-root PATH --epochs 200 --max-runs 2
+    metassl bench accuracy --protocol smoke --regularizers none,mrcl --seeds 0,1 --no-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from metassl.bench.accuracy_protocols import PROTOCOLS, Cell, Protocol, extra_name
+from metassl.bench.accuracy_table import (
+    compute_stats,
+    mean_std,
+    paired_differences,
+    paired_summary,
+    render_table,
+    t_quantile_975,
+)
+
+__all__ = ["PROTOCOLS", "Cell", "Protocol", "main", "mean_std", "paired_differences", "paired_summary", "t_quantile_975"]
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+def run_order(methods: list[str], regularizers: list[str], seeds: list[int]) -> list[Cell]:
+    """Seed by seed, method by method: the base first, then each regularizer (pairs fill up together)."""
+    regs = ["none"] + [r for r in regularizers if r != "none"] if "none" in regularizers else list(regularizers)
+    return [Cell(m, r, s) for s in seeds for m in methods for r in regs]
+
+
+def cell_overrides(base: list[str], cell: Cell, folder: Path) -> list[str]:
+    """The ``metassl train`` overrides of one cell (protocol + budget + extras come in ``base``)."""
+    return [f"method={cell.method}", f"regularizer={cell.regularizer}", f"seed={cell.seed}", *base,
+            f"output_dir={folder}", "resume=auto", "trainer.checkpoint_every_n_steps=50", "trainer.progress_bar=false"]
+
+
+def train_command(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "metassl.cli", "train", *overrides]
+
+
+_CELL_FILE = "bench_accuracy_cell.json"  # in the run folder: the command that made it, wall seconds so far
+
+
+def _cell_record(folder: Path) -> dict:
+    path = folder / _CELL_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def is_finished(folder: Path, overrides: list[str]) -> bool:
+    return (folder / "summary.json").is_file() and _cell_record(folder).get("overrides") == overrides
+
+
+def set_aside_stale(folder: Path, overrides: list[str]) -> Path | None:
+    """A run folder made by another command is renamed ``<folder>.stale-<time>`` (kept, not reused)."""
+    if not folder.is_dir() or not any(folder.iterdir()) or _cell_record(folder).get("overrides") == overrides:
+        return None
+    target = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%dT%H%M%S')}")
+    folder.rename(target)
+    return target
+
+
+def run_cell(overrides: list[str], folder: Path) -> dict:
+    """Train one cell in a subprocess (stdout/stderr appended to logs in its folder); an error
+    record with the last 3 stderr lines if it fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    record = _cell_record(folder)
+    (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": record.get("wall_s", 0.0)}, indent=1))
+    start = time.perf_counter()
+    with open(folder / "bench_stdout.log", "a") as out, open(folder / "bench_stderr.log", "a") as err:
+        err.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(train_command(overrides))}\n")
+        err.flush()
+        proc = subprocess.run(train_command(overrides), check=False, stdout=out, stderr=err)
+    wall = record.get("wall_s", 0.0) + time.perf_counter() - start
+    (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": round(wall, 1)}, indent=1))
+    if proc.returncode != 0 or not (folder / "summary.json").is_file():
+        attempt = (folder / "bench_stderr.log").read_text().rsplit("\n--- ", 1)[-1].splitlines()[1:]  # this attempt's lines
+        error = " | ".join([ln for ln in attempt if ln.strip()][-3:]) or f"exit code {proc.returncode}"
+        return {"status": "failed", "error": error, "wall_s": round(wall, 1)}
+    return {"status": "done"}
+
+
+def read_curve(csv_path: Path) -> list[dict[str, float]]:
+    """Per epoch (1-based): val and test kNN top-1 and training images/s, from ``metrics.csv``."""
+    from metassl.engine.artifacts import read_metrics
+
+    by_epoch: dict[int, dict[str, float]] = {}
+    names = {"val/knn_top1": "val_knn_top1", "test/knn_top1": "test_knn_top1", "train/images_per_s": "images_per_s"}
+    for row in read_metrics(csv_path):
+        if "epoch" not in row:
+            continue
+        entry = by_epoch.setdefault(int(row["epoch"]) + 1, {"epoch": int(row["epoch"]) + 1})
+        entry.update({short: row[name] for name, short in names.items() if name in row})
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_cell(folder: Path, protocol: Protocol) -> dict:
+    """A finished cell's numbers: summary fields, the kNN extras, the probe, the per-epoch curve."""
+    from metassl.engine.evaluation import knn_key
+
+    summary = json.loads((folder / "summary.json").read_text())
+    curve = read_curve(folder / "metrics.csv")
+    speeds = [row["images_per_s"] for row in curve if "images_per_s" in row]
+    keep = ("knn_top1", "knn_top1_best_val", "best_val_epoch", "knn_top1_init", "train_seconds", "epochs", "steps",
+            "precision", "dataset", "backbone", "batch_size")
+    return {"status": "done", **{k: summary.get(k) for k in keep},
+            "knn_extra": {extra_name(k, t): summary.get(knn_key(k, t)) for k, t in protocol.knn_extra},
+            "linear": {k: v for k, v in summary.items() if k.startswith("linear_")} or None,
+            "images_per_s": statistics.fmean(speeds) if speeds else None,
+            "wall_s": _cell_record(folder).get("wall_s"), "curve": curve, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------------- command line
+class BenchError(Exception):
+    """Bad input: reported as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's hook: one line, no usage text + exit
+        raise BenchError(f"{message}; see `metassl bench accuracy --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="metassl bench accuracy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--protocol", default="cpu_cifar", help=f"one of {', '.join(PROTOCOLS)}")
+    ap.add_argument("--data-root", help="dataset folder (all protocols but smoke)")
+    ap.add_argument("--data", help="dataset preset (cpu_cifar: cifar10 or imagefolder; default: the protocol's first)")
+    ap.add_argument("--methods", default="simclr")
+    ap.add_argument("--regularizers", default="none,metamask")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, help="training epochs (default: the protocol's)")
+    ap.add_argument("--train-subset", type=int, help="train on the first N images (data.subset=N)")
+    ap.add_argument("--out", help="results folder (default benchmarks/accuracy/<protocol>)")
+    ap.add_argument("--runs", help="run folders (default runs/bench-accuracy/<protocol>)")
+    ap.add_argument("--extra", action="append", nargs="+", default=[], help="further key=value overrides for every run")
+    ap.add_argument("--max-runs", type=int, help="stop after N newly trained runs")
+    ap.add_argument("--no-run", action="store_true", help="read back finished runs and rewrite the outputs only")
+    ap.add_argument("--plots-only", action="store_true", help="redraw the PNGs from <out>/results.json")
+    return ap
+
+
+def _names(text: str, valid: list[str], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise BenchError(f"unknown {what} {', '.join(bad) or repr(text)}; valid: {', '.join(valid)}")
+    return names
+
+
+_ROOT_HINT = {"cifar10": "the folder that holds cifar-10-batches-py/", "cifar100": "the folder that holds cifar-100-python/",
+              "stl10": "the folder that holds stl10_binary/", "imagefolder": "the folder with train/ and test/ class folders",
+              "builtin": "no folder is needed"}
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the command line and derive the plan: protocol, grid, budget, base overrides, folders."""
+    from metassl.config import available_presets
+
+    if args.protocol not in PROTOCOLS:
+        raise BenchError(f"unknown protocol {args.protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    protocol = PROTOCOLS[args.protocol]
+    methods = _names(args.methods, available_presets("method"), "method")
+    regularizers = _names(args.regularizers, available_presets("regularizer"), "regularizer")
+    data = args.data or protocol.data_choices[0]
+    if data not in protocol.data_choices:
+        raise BenchError(f"--data {data} is not one of protocol {protocol.name}'s: {', '.join(protocol.data_choices)}")
+    if protocol.needs_root and not args.data_root and not args.plots_only:
+        raise BenchError(f"--protocol {protocol.name} needs --data-root PATH: {_ROOT_HINT[data]}")
+    if args.data_root and not Path(args.data_root).expanduser().is_dir() and not args.plots_only:
+        raise BenchError(f"--data-root {args.data_root} is not a folder; pass {_ROOT_HINT[data]}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise BenchError(f"--seeds {args.seeds!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise BenchError("--seeds is empty; pass a comma-separated list of integers, e.g. 0,1,2")
+    extras = [item for group in args.extra for item in group]
+    if bad := [e for e in extras if "=" not in e]:
+        raise BenchError(f"--extra {' '.join(bad)}: each item must be key=value, e.g. optimizer.lr=0.5")
+    for flag in ("epochs", "train_subset", "max_runs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == "max_runs" else 1):
+            raise BenchError(f"--{flag.replace('_', '-')} must be a positive integer")
+    budget = {"epochs": args.epochs or protocol.epochs, "train_subset": args.train_subset or protocol.train_subset}
+    base = protocol.train_overrides(data, str(Path(args.data_root).expanduser().resolve()) if args.data_root else None)
+    base.append(f"trainer.max_epochs={budget['epochs']}")
+    base += [f"data.subset={budget['train_subset']}"] if budget["train_subset"] else []
+    planned = planned_config(base + extras)
+    key = f"{protocol.name}-{data}-e{budget['epochs']}" + (f"-n{budget['train_subset']}" if budget["train_subset"] else "")
+    key += f"-x{hashlib.sha1(json.dumps(extras).encode()).hexdigest()[:8]}" if extras else ""
+    return {"protocol": protocol, "data": data, "budget": budget, "extras": extras, "key": key, "base": base + extras, "planned": planned,
+            "methods": methods, "regularizers": regularizers, "seeds": seeds,
+            "out": Path(args.out or f"benchmarks/accuracy/{protocol.name}"),
+            "runs": Path(args.runs or f"runs/bench-accuracy/{protocol.name}") / key}
+
+
+def planned_config(overrides: list[str]) -> dict[str, Any]:
+    """Compose (and so validate) the base overrides once: a bad --extra is an error before any run."""
+    from metassl.config import load_config
+    from metassl.errors import MetasslError
+
+    try:
+        cfg = load_config(overrides)
+    except MetasslError as err:
+        raise BenchError(f"{err} (in the overrides of every run: check --extra)") from None
+    precision = cfg.trainer.precision
+    return {"dataset": cfg.data.name, "backbone": cfg.backbone.name, "batch_size": int(cfg.batch_size),
+            "precision": f"{precision} (resolved per run)" if precision == "auto" else precision}
+
+
+def _check_out(out: Path, key: str) -> None:
+    results = out / "results.json"
+    if results.is_file():
+        old = json.loads(results.read_text()).get("protocol_key")
+        if old not in (None, key):
+            raise BenchError(f"{out} holds the results of {old}, not {key}; pass another --out (nothing was changed)")
+
+
+def build_doc(plan: dict, cells: dict, meta: dict) -> dict:
+    """results.json: metadata, protocol, budget, grid, every cell, the statistics and the table."""
+    protocol, grid = plan["protocol"], (plan["methods"], plan["regularizers"], plan["seeds"])
+    order = run_order(*grid)
+    done = sum(cells.get(c.key, {}).get("status") == "done" for c in order)
+    doc = {**meta, "protocol_key": plan["key"],
+           "protocol": {"name": protocol.name, "description": protocol.description, "data": plan["data"],
+                        "overrides": plan["base"], "published_anchors": list(protocol.anchors)},
+           "budget": plan["budget"], "extra_overrides": plan["extras"], "planned": plan["planned"],
+           "grid": {"methods": grid[0], "regularizers": grid[1], "seeds": grid[2]}, "runs_done": done,
+           "runs_total": len(order), "partial": done < len(order),
+           "cells": {c.key: cells[c.key] for c in order if c.key in cells}}
+    doc["stats"] = compute_stats(doc["cells"], protocol, *grid)
+    doc["table"] = render_table(doc, protocol, *grid)
+    return doc
+
+
+def write_outputs(out: Path, doc: dict) -> None:
+    """results.json, table.md and the raw per-run JSON, each written whole (temp file + rename)."""
+    from metassl.data.utils import atomic_write_text
+
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    for key, cell in doc["cells"].items():
+        if cell.get("status") == "done":
+            raw = {"command": cell["command"], "summary": cell["summary"], "curve": cell["curve"], "wall_s": cell["wall_s"]}
+            atomic_write_text(out / "runs" / f"{key}.json", json.dumps(raw, indent=1) + "\n")
+    slim = {**doc, "cells": {k: {f: v for f, v in c.items() if f != "summary"} for k, c in doc["cells"].items()}}
+    atomic_write_text(out / "results.json", json.dumps(slim, indent=1) + "\n")
+    atomic_write_text(out / "table.md", doc["table"])
+
+
+def sitting(plan: dict, args: argparse.Namespace) -> dict:
+    """Read back or train every cell in pairing order, rewriting the outputs after each run."""
+    from metassl.bench.metadata import run_metadata
+
+    meta = run_metadata(device=plan["protocol"].device)
+    cells: dict[str, dict] = {}
+    trained = 0
+    order = run_order(plan["methods"], plan["regularizers"], plan["seeds"])
+    for i, cell in enumerate(order, 1):
+        folder = plan["runs"] / cell.key
+        overrides = cell_overrides(plan["base"], cell, folder)
+        ident = {"method": cell.method, "regularizer": cell.regularizer, "seed": cell.seed,
+                 "command": shlex.join(train_command(overrides)), "run_folder": str(folder), "budget": plan["budget"]}
+        if not is_finished(folder, overrides):
+            if args.no_run or (args.max_runs is not None and trained >= args.max_runs):
+                continue
+            if stale := set_aside_stale(folder, overrides):
+                print(f"  {folder} was made by another command: kept as {stale}", file=sys.stderr)
+            print(f"[{i}/{len(order)}] training {cell.key} ...", file=sys.stderr, flush=True)
+            trained += 1
+            outcome = run_cell(overrides, folder)
+            if outcome["status"] == "failed":
+                cells[cell.key] = {**ident, **outcome}
+                print(f"  failed: {outcome['error']}", file=sys.stderr)
+                write_outputs(plan["out"], build_doc(plan, cells, meta))
+                continue
+        cells[cell.key] = {**ident, **read_cell(folder, plan["protocol"])}
+        write_outputs(plan["out"], build_doc(plan, cells, meta))
+    doc = build_doc(plan, cells, meta)
+    write_outputs(plan["out"], doc)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``metassl bench accuracy``; 0 when every cell done so far trained, 1 if one failed, 2 on bad input."""
+    try:
+        args = build_parser().parse_args(argv)
+        plan = resolve(args)
+        if args.plots_only:
+            if not (plan["out"] / "results.json").is_file():
+                raise BenchError(f"--plots-only: no {plan['out'] / 'results.json'} yet; run without --plots-only first")
+            doc = json.loads((plan["out"] / "results.json").read_text())
+        else:
+            _check_out(plan["out"], plan["key"])
+            plan["out"].mkdir(parents=True, exist_ok=True)
+            doc = sitting(plan, args)
+            print(doc["table"])
+            print(f"wrote {plan['out'] / 'results.json'}, {plan['out'] / 'table.md'} and {plan['out'] / 'runs'}/",
+                  file=sys.stderr)
+    except BenchError as err:
+        print(f"metassl bench accuracy: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    from metassl.bench.accuracy_plots import write_plots
+
+    for path in write_plots(plan["out"], doc):
+        print(f"wrote {path}", file=sys.stderr)
+    return 1 if any(c.get("status") == "failed" for c in doc["cells"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""`metassl bench accuracy`: paired statistics by hand, resumable smoke sittings, failures, bad input."""
+
+import json
+import math
+import sys
+
+import pytest
+from PIL import Image
+
+from metassl.bench import accuracy
+from metassl.bench.accuracy import (
+    PROTOCOLS,
+    Cell,
+    Protocol,
+    mean_std,
+    paired_differences,
+    paired_summary,
+    run_order,
+    set_aside_stale,
+    t_quantile_975,
+)
+from metassl.cli import main as cli_main
+
+SMOKE = ["--protocol", "smoke", "--methods", "simclr", "--regularizers", "none,mrcl"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses inherit it
+
+
+def _folders(tmp_path):
+    return ["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_mean_and_sample_std_by_hand():
+    mean, std = mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3)
+    assert std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))  # n-1
+    assert mean_std([3.0]) == (3.0, None)
+    assert mean_std([]) == (None, None)
+
+
+def test_t_interval_n3_uses_4303_and_n1_has_none():
+    p = paired_summary([1.0, 2.0, 4.0])
+    half = 4.303 * math.sqrt(7 / 3) / math.sqrt(3)
+    assert p["n"] == 3 and p["mean"] == pytest.approx(7 / 3)
+    assert p["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half], abs=1e-3)
+    one = paired_summary([0.5])
+    assert one == {"n": 1, "mean": 0.5, "std": None, "ci95": None}
+
+
+def test_t_quantile_table_and_large_dof_without_scipy(monkeypatch):
+    assert t_quantile_975(1) == pytest.approx(12.706, abs=1e-3)
+    assert t_quantile_975(2) == pytest.approx(4.303, abs=1e-3)
+    assert t_quantile_975(30) == pytest.approx(2.042, abs=1e-3)
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # scipy is not a dependency: the expansion must do
+    assert t_quantile_975(60) == pytest.approx(2.0003, abs=2e-4)
+    assert t_quantile_975(1000) == pytest.approx(1.9623, abs=2e-4)
+    with pytest.raises(ValueError):
+        t_quantile_975(0)
+
+
+def test_pairing_only_over_seeds_present_in_both():
+    base = {0: 50.0, 1: 60.0, 2: 70.0}
+    other = {0: 55.0, 2: 80.0, 3: 90.0}
+    assert paired_differences(base, other) == {0: 5.0, 2: 10.0}
+    assert paired_differences({0: 1.0, 1: None}, {0: 2.0, 1: 3.0}) == {0: 1.0}
+
+
+def test_run_order_interleaves_pairs_base_first():
+    order = [c.key for c in run_order(["simclr"], ["mrcl", "none"], [0, 1])]
+    assert order == ["simclr-none-s0", "simclr-mrcl-s0", "simclr-none-s1", "simclr-mrcl-s1"]
+
+
+def test_protocol_overrides_pairing_and_registry():
+    loader = Protocol(name="x", description="", overrides=("protocol=smoke",), data_choices=("builtin",), epochs=1,
+                      needs_root=False, augment_on="loader")
+    assert "trainer.deterministic=true" in loader.train_overrides("builtin", None)
+    gpu = PROTOCOLS["gpu_cifar10"].train_overrides("cifar10", "/data")
+    assert {"backbone=resnet18", "batch_size=512", "trainer.accelerator=gpu", "data=cifar10", "data.root=/data",
+            "data.augment_on=device", "eval.knn_extra=[[20,0.1],[5,1.0]]", "eval.linear_probe=true"} <= set(gpu)
+    assert "trainer.deterministic=true" not in gpu
+    assert all(a["note"] == "published, not measured here" for a in PROTOCOLS["gpu_cifar10"].anchors)
+    assert PROTOCOLS["gpu_cifar10"].epochs == 800
+
+
+def test_stale_run_folder_is_kept_aside(tmp_path):
+    folder = tmp_path / "simclr-none-s0"
+    folder.mkdir()
+    (folder / "bench_accuracy_cell.json").write_text(json.dumps({"overrides": ["seed=0", "trainer.max_epochs=2"]}))
+    assert set_aside_stale(folder, ["seed=0", "trainer.max_epochs=2"]) is None  # same command: continue in place
+    moved = set_aside_stale(folder, ["seed=0", "trainer.max_epochs=4"])
+    assert moved is not None and (moved / "bench_accuracy_cell.json").is_file() and not folder.exists()
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv, needle", [
+    (["--protocol", "nope"], "valid: cpu_cifar, gpu_cifar10"),
+    (["--protocol", "smoke", "--methods", "simclr,foo"], "valid: barlow_twins"),
+    (["--protocol", "smoke", "--regularizers", "none,bar"], "valid: iclmsr, metamask"),
+    (["--protocol", "cpu_cifar"], "needs --data-root PATH"),
+    (["--protocol", "gpu_cifar10", "--data-root", "/does/not/exist"], "is not a folder"),
+    (["--protocol", "smoke", "--extra", "optimizer.lr=-1"], "optimizer.lr=-1 must be > 0"),  # before any run
+    (["--protocol", "smoke", "--seeds", "0,x"], "comma-separated list of integers"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, needle):
+    assert cli_main(["bench", "accuracy", *argv, *_folders(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_out_folder_of_another_protocol_is_left_alone(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"protocol_key": "cpu_cifar-cifar10-e8"}))
+    assert accuracy.main([*SMOKE, "--seeds", "0", *_folders(tmp_path)]) == 2
+    assert "pass another --out" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == {"protocol_key": "cpu_cifar-cifar10-e8"}
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _snapshot(base, code):
+    out = base / "out"
+    return {"code": code, "doc": json.loads((out / "results.json").read_text()), "table": (out / "table.md").read_text(),
+            "mtimes": {p.parent.name: p.stat().st_mtime_ns for p in (base / "runs").glob("*/*/summary.json")}}
+
+
+@pytest.fixture(scope="module")
+def sittings(tmp_path_factory):
+    """Three sittings in one folder: --max-runs 3; the 4th cell broken (optimizer.lr=-1); a plain rerun."""
+    base = tmp_path_factory.mktemp("bench_accuracy")
+    argv = [*SMOKE, "--seeds", "0,1", *_folders(base)]
+    plain = accuracy.cell_overrides
+
+    def break_mrcl_s1(overrides, cell: Cell, folder):
+        return plain(overrides + (["optimizer.lr=-1"] if cell.key == "simclr-mrcl-s1" else []), cell, folder)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        first = _snapshot(base, cli_main(["bench", "accuracy", *argv, "--max-runs", "3"]))
+        mp.setattr(accuracy, "cell_overrides", break_mrcl_s1)
+        broken = _snapshot(base, accuracy.main(argv))
+        mp.setattr(accuracy, "cell_overrides", plain)
+        last = _snapshot(base, accuracy.main(argv))
+    return {"base": base, "first": first, "broken": broken, "last": last}
+
+
+def test_first_sitting_stops_after_max_runs_and_is_partial(sittings):
+    first = sittings["first"]
+    assert first["code"] == 0
+    assert sorted(first["doc"]["cells"]) == ["simclr-mrcl-s0", "simclr-none-s0", "simclr-none-s1"]
+    assert first["doc"]["partial"] and (first["doc"]["runs_done"], first["doc"]["runs_total"]) == (3, 4)
+    title = first["table"].splitlines()[0]
+    assert "**partial**" in title and "3 of 4 runs done" in title
+    assert len(first["mtimes"]) == 3
+
+
+def test_failing_cell_is_recorded_and_finished_cells_kept(sittings):
+    broken, first = sittings["broken"], sittings["first"]
+    assert broken["code"] == 1
+    failed = broken["doc"]["cells"]["simclr-mrcl-s1"]
+    assert failed["status"] == "failed" and "optimizer.lr=-1 must be > 0" in failed["error"]
+    assert "simclr-mrcl-s1" in broken["table"].split("Failed runs")[1]
+    assert broken["mtimes"] == first["mtimes"]  # finished cells read back, untouched
+    assert all(broken["doc"]["cells"][k]["status"] == "done" for k in first["doc"]["cells"])
+    assert broken["doc"]["runs_done"] == 3 and broken["doc"]["partial"]
+
+
+def test_rerun_trains_only_the_missing_cell_and_completes(sittings):
+    last, first, out = sittings["last"], sittings["first"], sittings["base"] / "out"
+    assert last["code"] == 0
+    assert set(last["mtimes"]) - set(first["mtimes"]) == {"simclr-mrcl-s1"}
+    assert all(last["mtimes"][k] == first["mtimes"][k] for k in first["mtimes"])  # not retrained
+    doc, table = last["doc"], last["table"]
+    assert not doc["partial"] and "partial" not in table.splitlines()[0] and "4 of 4 runs done" in table
+    assert "Failed runs" not in table
+    assert "**Protocol** `smoke`: dataset builtin" in table and "seeds 0, 1" in table and "batch 32" in table
+    assert doc["commit"] is not None and doc["command"] and doc["machine"]["cores"] >= 1
+    assert doc["budget"] == {"epochs": 2, "train_subset": 128}
+    cell = doc["cells"]["simclr-mrcl-s1"]
+    assert cell["status"] == "done" and "regularizer=mrcl" in cell["command"] and "resume=auto" in cell["command"]
+    assert "optimizer.lr=-1" not in cell["command"] and cell["budget"] == doc["budget"]
+    assert [row["epoch"] for row in cell["curve"]] == [1, 2] and "val_knn_top1" in cell["curve"][0]
+    assert cell["knn_extra"]["k20_t0.1"] is not None and cell["linear"]["linear_top1_best_val"] is not None
+    paired = doc["stats"]["paired"]["simclr/mrcl"]["knn_top1"]
+    base, reg = (100 * doc["cells"][f"simclr-{r}-s0"]["knn_top1"] for r in ("none", "mrcl"))
+    assert paired["n"] == 2 and paired["per_seed"]["0"] == pytest.approx(reg - base)
+    for key in doc["cells"]:
+        raw = json.loads((out / "runs" / f"{key}.json").read_text())
+        assert raw["summary"]["method"] == "simclr" and raw["curve"]
+    for name in ("knn_curves.png", "paired_differences.png"):
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.size[0] > 300 and image.size[1] > 200
