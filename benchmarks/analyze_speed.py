@@ -52,7 +52,7 @@ def analyze_command(ckpt: Path, root: Path, bank: int, precision: str, cache: Pa
         args += ["--backbone", "resnet18", "data=imagefolder", f"data.root={root}", "backbone.cifar_stem=true"]
     else:
         args += [f"data.root={root}"]
-    return args + [f"data.subset={bank}", f"data.cache_dir={cache}"]
+    return args + [f"data.subset={bank}", "data.test_subset=null", f"data.cache_dir={cache}"]  # the whole test split
 
 
 def run_row(ckpt: Path, root: Path, bank: int, precision: str, cache: Path, threads: int, exported: bool) -> dict:
