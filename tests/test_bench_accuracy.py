@@ -194,3 +194,11 @@ def test_rerun_trains_only_the_missing_cell_and_completes(sittings):
         with Image.open(out / name) as image:
             image.load()
             assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_results_name_no_folder_of_the_machine():
+    doc = {"command": "metassl bench accuracy --data-root /data/c10", "cells": {"a": {"command": "train data.root=/abs/data/c10"}},
+           "n": 3, "grid": {"seeds": (0, 1)}}
+    clean = accuracy.redact(doc, ["/abs/data/c10", "/data/c10"])
+    assert clean["command"].endswith("--data-root <data-root>")
+    assert clean["cells"]["a"]["command"] == "train data.root=<data-root>" and clean["n"] == 3 and clean["grid"]["seeds"] == [0, 1]

@@ -208,7 +208,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     planned = planned_config(base + extras)
     key = f"{protocol.name}-{data}-e{budget['epochs']}" + (f"-n{budget['train_subset']}" if budget["train_subset"] else "")
     key += f"-x{hashlib.sha1(json.dumps(extras).encode()).hexdigest()[:8]}" if extras else ""
+    roots = [str(Path(args.data_root).expanduser().resolve()), str(args.data_root)] if args.data_root else []
     return {"protocol": protocol, "data": data, "budget": budget, "extras": extras, "key": key, "base": base + extras, "planned": planned,
+            "data_roots": sorted(set(roots), key=len, reverse=True),
             "methods": methods, "regularizers": regularizers, "seeds": seeds,
             "out": Path(args.out or f"benchmarks/accuracy/{protocol.name}"),
             "runs": Path(args.runs or f"runs/bench-accuracy/{protocol.name}") / key}
@@ -250,7 +252,21 @@ def build_doc(plan: dict, cells: dict, meta: dict) -> dict:
            "cells": {c.key: cells[c.key] for c in order if c.key in cells}}
     doc["stats"] = compute_stats(doc["cells"], protocol, *grid)
     doc["table"] = render_table(doc, protocol, *grid)
-    return doc
+    return redact(doc, plan.get("data_roots", []))
+
+
+def redact(obj: Any, paths: list[str], name: str = "<data-root>") -> Any:
+    """``obj`` with every string's occurrence of ``paths`` (the dataset folder, as given and resolved)
+    replaced by ``name``: the committed results name no folder of the machine that made them."""
+    if isinstance(obj, str):
+        for path in paths:
+            obj = obj.replace(path, name)
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact(v, paths, name) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, paths, name) for v in obj]
+    return obj
 
 
 def write_outputs(out: Path, doc: dict) -> None:
