@@ -1,6 +1,6 @@
-"""ICL-MSR (metassl.regularizers.iclmsr, .confounder_dictionary) on tiny networks: the adjustment
-and the dictionary on hand cases, ψ's meta-gradient against finite differences (float64), the
-components switched on and off, smoke runs on the built-in data, evaluation, bad options."""
+"""ICL-MSR (metassl.regularizers.iclmsr) construction and runs: configuration and bad options, smoke runs on
+the built-in data, evaluation, checkpoints, bf16 (terms: test_iclmsr_terms.py; ψ's meta-gradient:
+test_iclmsr_meta_gradient.py)."""
 
 from __future__ import annotations
 
