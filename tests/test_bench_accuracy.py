@@ -199,6 +199,6 @@ def test_rerun_trains_only_the_missing_cell_and_completes(sittings):
 def test_results_name_no_folder_of_the_machine():
     doc = {"command": "metassl bench accuracy --data-root /data/c10", "cells": {"a": {"command": "train data.root=/abs/data/c10"}},
            "n": 3, "grid": {"seeds": (0, 1)}}
-    clean = accuracy.redact(doc, ["/abs/data/c10", "/data/c10"])
+    clean = accuracy.redact(doc, {"/abs/data/c10": "<data-root>", "/data/c10": "<data-root>"})
     assert clean["command"].endswith("--data-root <data-root>")
     assert clean["cells"]["a"]["command"] == "train data.root=<data-root>" and clean["n"] == 3 and clean["grid"]["seeds"] == [0, 1]

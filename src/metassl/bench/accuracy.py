@@ -208,9 +208,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     planned = planned_config(base + extras)
     key = f"{protocol.name}-{data}-e{budget['epochs']}" + (f"-n{budget['train_subset']}" if budget["train_subset"] else "")
     key += f"-x{hashlib.sha1(json.dumps(extras).encode()).hexdigest()[:8]}" if extras else ""
-    roots = [str(Path(args.data_root).expanduser().resolve()), str(args.data_root)] if args.data_root else []
+    roots = {p: "<data-root>" for p in ([str(Path(args.data_root).expanduser().resolve()), str(args.data_root)] if args.data_root else [])}
+    roots.update({e.split("=", 1)[1]: "<cache>" for e in extras if e.startswith("data.cache_dir=") and len(e) > 15})
     return {"protocol": protocol, "data": data, "budget": budget, "extras": extras, "key": key, "base": base + extras, "planned": planned,
-            "data_roots": sorted(set(roots), key=len, reverse=True),
+            "machine_paths": dict(sorted(roots.items(), key=lambda kv: -len(kv[0]))),
             "methods": methods, "regularizers": regularizers, "seeds": seeds,
             "out": Path(args.out or f"benchmarks/accuracy/{protocol.name}"),
             "runs": Path(args.runs or f"runs/bench-accuracy/{protocol.name}") / key}
@@ -252,20 +253,21 @@ def build_doc(plan: dict, cells: dict, meta: dict) -> dict:
            "cells": {c.key: cells[c.key] for c in order if c.key in cells}}
     doc["stats"] = compute_stats(doc["cells"], protocol, *grid)
     doc["table"] = render_table(doc, protocol, *grid)
-    return redact(doc, plan.get("data_roots", []))
+    return redact(doc, plan.get("machine_paths", {}))
 
 
-def redact(obj: Any, paths: list[str], name: str = "<data-root>") -> Any:
-    """``obj`` with every string's occurrence of ``paths`` (the dataset folder, as given and resolved)
-    replaced by ``name``: the committed results name no folder of the machine that made them."""
+def redact(obj: Any, paths: dict[str, str]) -> Any:
+    """``obj`` with every string's occurrence of a path in ``paths`` (the dataset folder as given and
+    resolved, a decoded-image cache) replaced by its placeholder: the committed results name no
+    folder of the machine that made them."""
     if isinstance(obj, str):
-        for path in paths:
+        for path, name in paths.items():
             obj = obj.replace(path, name)
         return obj
     if isinstance(obj, dict):
-        return {k: redact(v, paths, name) for k, v in obj.items()}
+        return {k: redact(v, paths) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [redact(v, paths, name) for v in obj]
+        return [redact(v, paths) for v in obj]
     return obj
 
 
