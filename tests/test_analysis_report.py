@@ -35,7 +35,8 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(runs):
     ckpt = runs["metamask"] / "checkpoints" / "last.ckpt"
-    assert main(["analyze", "--ckpt", str(ckpt), "--compare", str(runs["base"] / "checkpoints" / "last.ckpt")]) == 0
+    assert main(["analyze", "--ckpt", str(ckpt), "--compare", str(runs["base"] / "checkpoints" / "last.ckpt"),
+                 "--precision", "fp32"]) == 0  # fp32 here: the bf16 test below compares against it
     return runs["metamask"] / "analysis"
 
 
@@ -85,7 +86,7 @@ def test_html_is_self_contained(report):
 def test_second_analysis_reads_the_feature_cache(report, runs, tmp_path):
     ckpt = runs["metamask"] / "checkpoints" / "last.ckpt"
     shutil.copy(report / "features.pt", tmp_path / "features.pt")
-    assert main(["analyze", "--ckpt", str(ckpt), "--out", str(tmp_path), "--no-linear"]) == 0
+    assert main(["analyze", "--ckpt", str(ckpt), "--out", str(tmp_path), "--no-linear", "--precision", "fp32"]) == 0
     record = json.loads((tmp_path / "analysis.json").read_text())["runs"][0]
     first = json.loads((report / "analysis.json").read_text())["runs"][0]
     assert record["features"]["from_cache"] and "linear" not in record["ablation"]["backbone"]
