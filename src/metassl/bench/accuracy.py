@@ -210,6 +210,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     key += f"-x{hashlib.sha1(json.dumps(extras).encode()).hexdigest()[:8]}" if extras else ""
     roots = {p: "<data-root>" for p in ([str(Path(args.data_root).expanduser().resolve()), str(args.data_root)] if args.data_root else [])}
     roots.update({e.split("=", 1)[1]: "<cache>" for e in extras if e.startswith("data.cache_dir=") and len(e) > 15})
+    roots[sys.executable] = "python"  # the interpreter's folder is the machine's too
     return {"protocol": protocol, "data": data, "budget": budget, "extras": extras, "key": key, "base": base + extras, "planned": planned,
             "machine_paths": dict(sorted(roots.items(), key=lambda kv: -len(kv[0]))),
             "methods": methods, "regularizers": regularizers, "seeds": seeds,
