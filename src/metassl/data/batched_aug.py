@@ -59,7 +59,12 @@ from .batch_ops import (  # the stages, also re-exported from here
 from .config import check_color_options
 from .errors import DataConfigError
 from .lab import BatchedSplitLabViews
-from .transforms import _per_view, blur_kernel_size, resolve_augmentation
+from .transforms import (
+    _per_view,
+    blur_kernel_size,
+    check_crop_and_blur,
+    resolve_augmentation,
+)
 
 __all__ = [
     "BatchedEvalView", "BatchedMultiView", "BatchedViewAugment", "build_batched_ssl_transform",
@@ -82,8 +87,7 @@ class BatchedViewAugment:
         self.color_space = color_space
         p = {k: _per_view(v, view) for k, v in params.items()}
         self.p = p
-        if not 0 < p["crop_scale_min"] <= p["crop_scale_max"] <= 1:
-            raise DataConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got ({p['crop_scale_min']}, {p['crop_scale_max']})")
+        check_crop_and_blur(p)
         for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             if not 0 <= p[key] <= 1:
                 raise DataConfigError(f"{key} is a probability in [0, 1], got {p[key]}")
@@ -91,8 +95,6 @@ class BatchedViewAugment:
             raise DataConfigError(f"hue must be in [0, 0.5], got {p['hue']}")
         if min(p[k] for k in JITTER_KEYS) < 0:
             raise DataConfigError(f"jitter strengths must be >= 0, got {[p[k] for k in JITTER_KEYS]}")
-        if p["blur_p"] > 0 and not 0 < p["blur_sigma_min"] <= p["blur_sigma_max"]:
-            raise DataConfigError(f"blur sigma must satisfy 0 < min <= max, got ({p['blur_sigma_min']}, {p['blur_sigma_max']})")
         self.enabled = tuple(i for i, k in enumerate(JITTER_KEYS) if p[k] > 0) if p["jitter_p"] > 0 else ()
         self.kernel_size = blur_kernel_size(self.image_size)
 

@@ -289,14 +289,24 @@ def model_input_op(mean, std, color_space: str = "rgb") -> v2.Transform:
     return ScaleNormalize(mean, std)
 
 
+def check_crop_and_blur(p: Mapping[str, float]) -> None:
+    """One DataConfigError for a crop-scale range or (with blur on) a sigma range out of order:
+    the checks every view pipeline, per sample or batched, makes on its resolved strengths."""
+    lo, hi = p["crop_scale_min"], p["crop_scale_max"]
+    if not 0 < lo <= hi <= 1:
+        raise DataConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
+    smin, smax = p["blur_sigma_min"], p["blur_sigma_max"]
+    if p["blur_p"] > 0 and not 0 < smin <= smax:
+        raise DataConfigError(f"blur sigma must satisfy 0 < min <= max, got ({smin}, {smax})")
+
+
 def build_view_transform(
     params: Mapping[str, Any], view: int, image_size: int, mean, std, color_space: str = "rgb"
 ) -> v2.Compose:
     """The augmentation pipeline of view number ``view`` from resolved strengths."""
     p = {k: _per_view(v, view) for k, v in params.items()}
+    check_crop_and_blur(p)
     lo, hi = p["crop_scale_min"], p["crop_scale_max"]
-    if not 0 < lo <= hi <= 1:
-        raise DataConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
     ops: list[Any] = [v2.RandomResizedCrop(image_size, scale=(lo, hi), antialias=True)]
     if p["flip_p"] > 0:
         ops.append(v2.RandomHorizontalFlip(p["flip_p"]))
@@ -307,10 +317,7 @@ def build_view_transform(
     if p["grayscale_p"] > 0:
         ops.append(v2.RandomGrayscale(p["grayscale_p"]))
     if p["blur_p"] > 0:
-        smin, smax = p["blur_sigma_min"], p["blur_sigma_max"]
-        if not 0 < smin <= smax:
-            raise DataConfigError(f"blur sigma must satisfy 0 < min <= max, got ({smin}, {smax})")
-        blur = v2.GaussianBlur(blur_kernel_size(image_size), sigma=(smin, smax))
+        blur = v2.GaussianBlur(blur_kernel_size(image_size), sigma=(p["blur_sigma_min"], p["blur_sigma_max"]))
         ops.append(blur if p["blur_p"] >= 1 else v2.RandomApply([blur], p=p["blur_p"]))
     if p["solarize_p"] > 0:
         ops.append(v2.RandomSolarize(threshold=0.5, p=p["solarize_p"]))
