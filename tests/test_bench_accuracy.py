@@ -202,3 +202,23 @@ def test_results_name_no_folder_of_the_machine():
     clean = accuracy.redact(doc, {"/abs/data/c10": "<data-root>", "/data/c10": "<data-root>"})
     assert clean["command"].endswith("--data-root <data-root>")
     assert clean["cells"]["a"]["command"] == "train data.root=<data-root>" and clean["n"] == 3 and clean["grid"]["seeds"] == [0, 1]
+
+
+def test_committed_records_stand_in_for_lost_run_folders(sittings, tmp_path, monkeypatch):
+    """A new checkout holds only the committed <out>: its raw records are read back, nothing is retrained."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(sittings["base"] / "out", out)
+    monkeypatch.setattr(accuracy, "run_cell", lambda *a: pytest.fail("a committed cell was retrained"))
+    assert accuracy.main([*SMOKE, "--seeds", "0,1", "--out", str(out), "--runs", str(tmp_path / "gone")]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert (doc["runs_done"], doc["partial"]) == (4, False)
+    assert all(cell.get("from_record") for cell in doc["cells"].values())
+    assert doc["stats"] == sittings["last"]["doc"]["stats"]
+    # a record made by other overrides is not taken for this cell: it is trained (here: refused)
+    raw = json.loads((out / "runs" / "simclr-mrcl-s1.json").read_text())
+    raw["command"] = raw["command"].replace("seed=1", "seed=7")
+    (out / "runs" / "simclr-mrcl-s1.json").write_text(json.dumps(raw))
+    with pytest.raises(pytest.fail.Exception, match="retrained"):
+        accuracy.main([*SMOKE, "--seeds", "0,1", "--out", str(out), "--runs", str(tmp_path / "gone")])

@@ -3,7 +3,9 @@
 Every cell ``method=M regularizer=R seed=S`` is one ``metassl train`` in its own process, in its
 own run folder with ``resume=auto`` (an interrupted run continues from its last checkpoint).  A
 finished cell (``summary.json`` there, and the command recorded beside it equal to this cell's) is
-read back, not rerun.  Runs are ordered seed by seed (base, then each regularizer), and
+read back, not rerun; so is a cell whose raw record ``<out>/runs/<cell>.json`` (committed by an
+earlier sitting on another checkout or machine) was made by the same overrides, so a table grows
+across sittings even where the run folders are gone.  Runs are ordered seed by seed (base, then each regularizer), and
 ``<out>/results.json``, ``<out>/runs/<cell>.json`` and ``<out>/table.md`` are rewritten after every
 run; ``knn_curves.png`` and ``paired_differences.png`` at the end of a sitting.
 
@@ -117,10 +119,32 @@ def read_curve(csv_path: Path) -> list[dict[str, float]]:
 
 def read_cell(folder: Path, protocol: Protocol) -> dict:
     """A finished cell's numbers: summary fields, the kNN extras, the probe, the per-epoch curve."""
+    summary = json.loads((folder / "summary.json").read_text())
+    return cell_numbers(summary, read_curve(folder / "metrics.csv"), _cell_record(folder).get("wall_s"), protocol)
+
+
+def command_identity(command: str) -> list[str]:
+    """What makes two cells' commands the same run: the overrides, less the interpreter and the run
+    folder (neither changes what is trained)."""
+    return [tok for tok in shlex.split(command)[1:] if not tok.startswith("output_dir=")]
+
+
+def read_committed(out: Path, key: str, command: str, protocol: Protocol) -> dict | None:
+    """A cell finished in an earlier sitting elsewhere (another checkout or machine, whose run folder is
+    gone): its raw record ``<out>/runs/<key>.json``, when it was made by the same command."""
+    path = out / "runs" / f"{key}.json"
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not raw or command_identity(raw.get("command", "")) != command_identity(command):
+        return None
+    return {**cell_numbers(raw["summary"], raw["curve"], raw.get("wall_s"), protocol), "from_record": True}
+
+
+def cell_numbers(summary: dict, curve: list[dict], wall_s: float | None, protocol: Protocol) -> dict:
     from metassl.engine.evaluation import knn_key
 
-    summary = json.loads((folder / "summary.json").read_text())
-    curve = read_curve(folder / "metrics.csv")
     speeds = [row["images_per_s"] for row in curve if "images_per_s" in row]
     keep = ("knn_top1", "knn_top1_best_val", "best_val_epoch", "knn_top1_init", "train_seconds", "epochs", "steps",
             "precision", "dataset", "backbone", "batch_size")
@@ -128,7 +152,7 @@ def read_cell(folder: Path, protocol: Protocol) -> dict:
             "knn_extra": {extra_name(k, t): summary.get(knn_key(k, t)) for k, t in protocol.knn_extra},
             "linear": {k: v for k, v in summary.items() if k.startswith("linear_")} or None,
             "images_per_s": statistics.fmean(speeds) if speeds else None,
-            "wall_s": _cell_record(folder).get("wall_s"), "curve": curve, "summary": summary}
+            "wall_s": wall_s, "curve": curve, "summary": summary}
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -300,6 +324,10 @@ def sitting(plan: dict, args: argparse.Namespace) -> dict:
         ident = {"method": cell.method, "regularizer": cell.regularizer, "seed": cell.seed,
                  "command": shlex.join(train_command(overrides)), "run_folder": str(folder), "budget": plan["budget"]}
         if not is_finished(folder, overrides):
+            if committed := read_committed(plan["out"], cell.key, redact(ident["command"], plan.get("machine_paths", {})),
+                                           plan["protocol"]):
+                cells[cell.key] = {**ident, **committed}
+                continue
             if args.no_run or (args.max_runs is not None and trained >= args.max_runs):
                 continue
             if stale := set_aside_stale(folder, overrides):
