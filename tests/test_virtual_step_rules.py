@@ -145,3 +145,29 @@ def test_meta_gradient_exact_under_active_clip(backbone_tangent):
     cos = torch.nn.functional.cosine_similarity(got, fd, dim=0)
     assert cos > 0.9999, (cos, got, fd)
     torch.testing.assert_close(got, fd, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_adam_first_step_vjp_is_finite_where_a_gradient_entry_is_zero(kind):
+    """At Adam's first step v ∝ g², so sqrt(v) has an infinite derivative at an exactly zero entry
+    (a dead ReLU's weights): the VJP must stay finite and equal the update's true derivative
+    dθ'/dg = -lr/eps there (and -lr·eps/(|d|+eps)² elsewhere, d the gradient Adam sees)."""
+    params = _params()
+    opt = _optimizers(params)[kind]
+    named = {f"p{i}": p for i, p in enumerate(params)}
+    theta = {k: p.detach().clone() for k, p in named.items()}
+    g = torch.Generator().manual_seed(7)
+    grads = {k: torch.randn(t.shape, generator=g, dtype=DT) for k, t in theta.items()}
+    coupled_wd = 1e-2 if kind == "adam" else 0.0  # Adam adds wd·θ to the gradient, AdamW decays θ apart
+    grads["p0"][0] = -coupled_wd * theta["p0"][0]  # a whole row where the step's input d = g + wd·θ is exactly 0
+    v = {k: torch.ones_like(t) for k, t in theta.items()}
+    plan = plan_virtual_step(named, VirtualStep("mirror"), opt)
+    u = step_vjp(theta, grads, plan, v, None)
+    lr, eps = 1e-2, 1e-8
+    for k, gk in grads.items():
+        assert torch.isfinite(u[k]).all()
+        # first Adam step: θ' = base - lr·d/(|d| + eps) (bias corrections cancel); dθ'/dg = -lr·eps/(|d|+eps)²
+        d = gk + coupled_wd * theta[k]
+        assert k != "p0" or (d[0] == 0).all()
+        expected = -lr * eps / (d.abs() + eps) ** 2
+        torch.testing.assert_close(u[k], expected, rtol=1e-6, atol=0)

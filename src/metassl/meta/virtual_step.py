@@ -139,8 +139,17 @@ class ParamRule:
         v = (1 - b2) * d * d if self.exp_avg_sq is None else b2 * self.exp_avg_sq.to(d.dtype) + (1 - b2) * d * d
         t = self.step + 1
         base = theta * (1 - self.lr * self.weight_decay) if self.decoupled and self.weight_decay != 0 else theta
-        denom = (v / (1 - b2**t)).sqrt() + self.eps
+        denom = _sqrt_zero_safe(v / (1 - b2**t)) + self.eps
         return base - self.lr * (m / (1 - b1**t)) / denom
+
+
+def _sqrt_zero_safe(v: torch.Tensor) -> torch.Tensor:
+    """``sqrt(v)`` for ``v >= 0`` whose derivative is 0 where ``v == 0`` (not inf): at Adam's first
+    step ``v ∝ d²``, so an exactly zero gradient entry would otherwise give ``inf · 0 = nan`` in the
+    meta-gradient; the update's true derivative there, ``lr·(1-β1)/((1-β1^t)·eps)``, comes through the
+    numerator."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
 #: kept for callers of the first version (an SGD rule)
