@@ -85,12 +85,13 @@ def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path, monkeypatch, preset):
 
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import pathlib, sys, time
     from metassl.cli import main
     from metassl.engine.module import SSLModule
     step = SSLModule.training_step
-    def slow(self, batch, i):  # the step-4 checkpoint is on disk: wait there to be killed
+    def slow(self, batch, i):  # the step-4 checkpoint and step 3's metrics row are on disk: wait there to be killed
         if self.global_step >= 4:
+            (pathlib.Path(self.trainer.default_root_dir) / "asleep").touch()
             time.sleep(120)
         return step(self, batch, i)
     SSLModule.training_step = slow
@@ -107,10 +108,10 @@ def test_sigkill_mid_epoch_then_resume_auto_is_exact(tmp_path, preset):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert main(tiny(tmp_path / "a", *args)) == 0  # the uninterrupted run, meanwhile
-        last, deadline = tmp_path / "b" / "checkpoints" / "last.ckpt", time.monotonic() + 120
-        while time.monotonic() < deadline and child.poll() is None:
-            if last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= KILL_AT:
-                break
+        # killed inside step 5 (global step 4), never between the step-4 checkpoint and step 3's row:
+        # Lightning writes that checkpoint at on_train_batch_end, before it logs the step's metrics
+        asleep, deadline = tmp_path / "b" / "asleep", time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None and not asleep.is_file():
             time.sleep(0.1)
         assert child.poll() is None, "the child ended before it could be killed"
         os.kill(child.pid, signal.SIGKILL)
