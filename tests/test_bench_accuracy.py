@@ -222,3 +222,18 @@ def test_committed_records_stand_in_for_lost_run_folders(sittings, tmp_path, mon
     (out / "runs" / "simclr-mrcl-s1.json").write_text(json.dumps(raw))
     with pytest.raises(pytest.fail.Exception, match="retrained"):
         accuracy.main([*SMOKE, "--seeds", "0,1", "--out", str(out), "--runs", str(tmp_path / "gone")])
+
+
+def test_each_run_records_its_machine_and_a_mixed_table_says_so(sittings):
+    cells = sittings["last"]["doc"]["cells"]
+    assert all(c["machine"]["cores"] >= 1 and "cpu_flags" in c["machine"] for c in cells.values())
+    assert "Trained on: " in sittings["last"]["table"]
+    from metassl.bench.accuracy_table import machines_lines
+
+    fast = {"cpu": "X", "cpu_flags": ["avx2", "avx512_bf16"], "cores": 2, "gpu": None}
+    slow = {"cpu": "X", "cpu_flags": ["avx2"], "cores": 2, "gpu": None}
+    mixed = machines_lines({"a": {"status": "done", "machine": fast}, "b": {"status": "done", "machine": slow},
+                            "c": {"status": "done", "machine": slow}, "d": {"status": "failed"}})
+    assert "several machines" in mixed[1]
+    assert mixed[3:] == ["- X (avx2, avx512_bf16), 2 cores: 1 run", "- X (avx2), 2 cores: 2 runs"]
+    assert machines_lines({"a": {"status": "done"}}) == ["", "Trained on: not recorded."]

@@ -86,16 +86,20 @@ def set_aside_stale(folder: Path, overrides: list[str]) -> Path | None:
 def run_cell(overrides: list[str], folder: Path) -> dict:
     """Train one cell in a subprocess (stdout/stderr appended to logs in its folder); an error
     record with the last 3 stderr lines if it fails."""
+    from metassl.bench.metadata import git_commit, machine_info
+
     folder.mkdir(parents=True, exist_ok=True)
     record = _cell_record(folder)
-    (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": record.get("wall_s", 0.0)}, indent=1))
+    info = machine_info()
+    where = {"machine": {k: info[k] for k in ("cpu", "cpu_flags", "cores", "gpu")}, "commit": git_commit()}
+    (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": record.get("wall_s", 0.0), **where}, indent=1))
     start = time.perf_counter()
     with open(folder / "bench_stdout.log", "a") as out, open(folder / "bench_stderr.log", "a") as err:
         err.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(train_command(overrides))}\n")
         err.flush()
         proc = subprocess.run(train_command(overrides), check=False, stdout=out, stderr=err)
     wall = record.get("wall_s", 0.0) + time.perf_counter() - start
-    (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": round(wall, 1)}, indent=1))
+    (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": round(wall, 1), **where}, indent=1))
     if proc.returncode != 0 or not (folder / "summary.json").is_file():
         attempt = (folder / "bench_stderr.log").read_text().rsplit("\n--- ", 1)[-1].splitlines()[1:]  # this attempt's lines
         error = " | ".join([ln for ln in attempt if ln.strip()][-3:]) or f"exit code {proc.returncode}"
@@ -119,8 +123,9 @@ def read_curve(csv_path: Path) -> list[dict[str, float]]:
 
 def read_cell(folder: Path, protocol: Protocol) -> dict:
     """A finished cell's numbers: summary fields, the kNN extras, the probe, the per-epoch curve."""
-    summary = json.loads((folder / "summary.json").read_text())
-    return cell_numbers(summary, read_curve(folder / "metrics.csv"), _cell_record(folder).get("wall_s"), protocol)
+    summary, record = json.loads((folder / "summary.json").read_text()), _cell_record(folder)
+    return {**cell_numbers(summary, read_curve(folder / "metrics.csv"), record.get("wall_s"), protocol),
+            "machine": record.get("machine"), "trained_at_commit": record.get("commit")}
 
 
 def command_identity(command: str) -> list[str]:
@@ -139,7 +144,8 @@ def read_committed(out: Path, key: str, command: str, protocol: Protocol) -> dic
         return None
     if not raw or command_identity(raw.get("command", "")) != command_identity(command):
         return None
-    return {**cell_numbers(raw["summary"], raw["curve"], raw.get("wall_s"), protocol), "from_record": True}
+    return {**cell_numbers(raw["summary"], raw["curve"], raw.get("wall_s"), protocol), "from_record": True,
+            "machine": raw.get("machine"), "trained_at_commit": raw.get("trained_at_commit")}
 
 
 def cell_numbers(summary: dict, curve: list[dict], wall_s: float | None, protocol: Protocol) -> dict:
@@ -303,7 +309,8 @@ def write_outputs(out: Path, doc: dict) -> None:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     for key, cell in doc["cells"].items():
         if cell.get("status") == "done":
-            raw = {"command": cell["command"], "summary": cell["summary"], "curve": cell["curve"], "wall_s": cell["wall_s"]}
+            raw = {"command": cell["command"], "summary": cell["summary"], "curve": cell["curve"], "wall_s": cell["wall_s"],
+                   "machine": cell.get("machine"), "trained_at_commit": cell.get("trained_at_commit")}
             atomic_write_text(out / "runs" / f"{key}.json", json.dumps(raw, indent=1) + "\n")
     slim = {**doc, "cells": {k: {f: v for f, v in c.items() if f != "summary"} for k, c in doc["cells"].items()}}
     atomic_write_text(out / "results.json", json.dumps(slim, indent=1) + "\n")

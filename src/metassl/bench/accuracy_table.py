@@ -136,6 +136,27 @@ def protocol_line(protocol: Protocol, budget: dict, cells: dict, seeds: list[int
             f"validation kNN; seeds {', '.join(map(str, seeds))}.")
 
 
+def machine_name(machine: dict | None) -> str:
+    if not machine:
+        return "not recorded"
+    flags = f" ({', '.join(machine.get('cpu_flags') or [])})" if machine.get("cpu_flags") else ""
+    return f"{machine.get('gpu') or machine.get('cpu')}{flags}, {machine.get('cores')} cores"
+
+
+def machines_lines(cells: dict) -> list[str]:
+    """Where the finished runs trained: one line, or a list when a table grew on several machines
+    (its train s and images/s then compare only between runs of one machine)."""
+    count: dict[str, int] = {}
+    for c in cells.values():
+        if c.get("status") == "done":
+            name = machine_name(c.get("machine"))
+            count[name] = count.get(name, 0) + 1
+    if len(count) <= 1:
+        return ["", f"Trained on: {next(iter(count))}."] if count else []
+    return ["", "Trained on several machines (train s and images/s compare only between runs of one machine):", "",
+            *(f"- {name}: {n} run{'s' * (n > 1)}" for name, n in count.items())]
+
+
 def render_table(doc: dict, protocol: Protocol, methods: list[str], regs: list[str], seeds: list[int]) -> str:
     """The markdown: title (partial or not), protocol line, per-group table, paired-difference table, anchors."""
     cells, stats, budget = doc["cells"], doc["stats"], doc["budget"]
@@ -161,6 +182,7 @@ def render_table(doc: dict, protocol: Protocol, methods: list[str], regs: list[s
         for name, p in stats["paired"].items():
             m, r = name.split("/")
             lines.append(f"| {m} | {r} | " + " | ".join(_fmt_paired(p[path]) for path in PAIRED) + " |")
+    lines += machines_lines(cells)
     failed = [f"- `{key}`: {c['error']}" for key, c in cells.items() if c.get("status") == "failed"]
     if failed:
         lines += ["", "Failed runs (retried at the next sitting):", "", *failed]
