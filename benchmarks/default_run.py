@@ -44,8 +44,10 @@ def main() -> None:
         summary = json.loads((run / "summary.json").read_text())
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
-    doc[args.key] = {**run_metadata(), "overrides": args.extra, "wall_s": wall, "loadavg_after": os.getloadavg(),
-                     "last_line": proc.stdout.strip().splitlines()[-1], "summary": summary}
+    entry = {**run_metadata(), "overrides": args.extra, "wall_s": wall, "loadavg_after": os.getloadavg(),
+             "last_line": proc.stdout.strip().splitlines()[-1], "summary": summary}
+    # the run's temporary folder is this machine's, not the project's
+    doc[args.key] = json.loads(json.dumps(entry).replace(str(tmp), "<temporary folder>"))
     out.write_text(json.dumps(doc, indent=1))
     print(f"{args.key}: {wall:.0f} s wall, kNN {summary['knn_top1']:.3f} (untrained {summary.get('knn_top1_init')}), "
           f"precision {summary.get('precision')} -> {out}")
