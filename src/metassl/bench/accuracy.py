@@ -142,7 +142,7 @@ def read_committed(out: Path, key: str, command: str, protocol: Protocol) -> dic
         raw = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, json.JSONDecodeError):
         return None
-    if not raw or command_identity(raw.get("command", "")) != command_identity(command):
+    if not raw or "summary" not in raw or command_identity(raw.get("command", "")) != command_identity(command):
         return None
     return {**cell_numbers(raw["summary"], raw["curve"], raw.get("wall_s"), protocol), "from_record": True,
             "machine": raw.get("machine"), "trained_at_commit": raw.get("trained_at_commit")}
