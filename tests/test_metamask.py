@@ -17,6 +17,8 @@ from metassl.methods import METHODS, build_method
 from metassl.regularizers import REGULARIZERS, MetaMask, StepContext, build_regularizer
 from metassl.regularizers.base import regularizer_hparams
 
+from regularizer_helpers import assert_training_state_is, training_state
+
 DT = torch.float64
 FEAT = 6
 
@@ -234,21 +236,11 @@ def test_meta_step_leaves_bn_buffers_params_and_optimizer_state_untouched():
     opt = encoder_opt(m, reg)
     training_step(m, reg, views_for(seed=3), None, opt, None)
     ctx = real_backward(m, reg, opt, views_for())
-    bufs = {n: b.clone() for n, b in list(m.named_buffers()) + list(reg.named_buffers())}
-    params = {n: p.detach().clone() for n, p in m.named_parameters()}
-    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    state = {id(p): s["momentum_buffer"].clone() for p, s in opt.state.items()}
+    before = training_state(m, reg, opt)
     for mode in ("second_order", "finite_difference", "first_order"):
         reg.grad_mode = mode
         reg.compute_meta_gradient(ctx)
-    for n, b in list(m.named_buffers()) + list(reg.named_buffers()):
-        assert torch.equal(b, bufs[n]), n
-    for n, p in m.named_parameters():
-        assert torch.equal(p, params[n]), n
-        if n in grads:
-            assert torch.equal(p.grad, grads[n]), n
-    for p, s in opt.state.items():
-        assert torch.equal(s["momentum_buffer"], state[id(p)])
+    assert_training_state_is(before, m, reg, opt)  # batch-norm statistics, a MoCo queue, weights, grads, momentum
 
 
 def test_training_step_assigns_the_meta_gradient():

@@ -13,6 +13,7 @@ from metassl.engine.step import encoder_objective, training_step
 from metassl.meta import frozen_bn_stats
 
 from metaug_helpers import DT, context, encoder_opt, make, views_for
+from regularizer_helpers import assert_training_state_is, training_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,21 +117,11 @@ def test_meta_step_leaves_state_untouched(order):
     ctx = context(m, opt, views_for())
     loss, _, _ = encoder_objective(m, reg, ctx.views, ctx=ctx)
     loss.backward()
-    bufs = {n: b.clone() for n, b in list(m.named_buffers()) + list(reg.named_buffers())}
-    params = {n: p.detach().clone() for n, p in m.named_parameters()}
-    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    state = {id(p): s["momentum_buffer"].clone() for p, s in opt.state.items()}
+    before = training_state(m, reg, opt)
     for mode in ("second_order", "first_order", "finite_difference"):
         reg.grad_mode = mode
         reg.compute_meta_gradient(ctx)
-    for n, b in list(m.named_buffers()) + list(reg.named_buffers()):
-        assert torch.equal(b, bufs[n]), n  # batch-norm statistics and the MoCo queue
-    for n, p in m.named_parameters():
-        assert torch.equal(p, params[n]), n
-        if n in grads:
-            assert torch.equal(p.grad, grads[n]), n
-    for p, s in opt.state.items():
-        assert torch.equal(s["momentum_buffer"], state[id(p)])
+    assert_training_state_is(before, m, reg, opt)  # batch-norm statistics, a MoCo queue, weights, grads, momentum
 
 
 def test_training_step_runs_v1_official_and_assigns_the_meta_gradient():
