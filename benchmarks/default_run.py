@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from metassl.bench.metadata import run_metadata
+from metassl.bench.metadata import redact, run_metadata
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,8 +46,7 @@ def main() -> None:
     doc = json.loads(out.read_text()) if out.exists() else {}
     entry = {**run_metadata(), "overrides": args.extra, "wall_s": wall, "loadavg_after": os.getloadavg(),
              "last_line": proc.stdout.strip().splitlines()[-1], "summary": summary}
-    # the run's temporary folder is this machine's, not the project's
-    doc[args.key] = json.loads(json.dumps(entry).replace(str(tmp), "<temporary folder>"))
+    doc[args.key] = redact(entry, {str(tmp): "<temporary folder>"})  # the run folder is this machine's
     out.write_text(json.dumps(doc, indent=1))
     print(f"{args.key}: {wall:.0f} s wall, kNN {summary['knn_top1']:.3f} (untrained {summary.get('knn_top1_init')}), "
           f"precision {summary.get('precision')} -> {out}")

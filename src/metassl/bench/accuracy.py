@@ -38,6 +38,7 @@ from metassl.bench.accuracy_table import (
     render_table,
     t_quantile_975,
 )
+from metassl.bench.metadata import redact
 
 __all__ = ["PROTOCOLS", "Cell", "Protocol", "main", "mean_std", "paired_differences", "paired_summary", "t_quantile_975"]
 
@@ -285,21 +286,6 @@ def build_doc(plan: dict, cells: dict, meta: dict) -> dict:
     doc["stats"] = compute_stats(doc["cells"], protocol, *grid)
     doc["table"] = render_table(doc, protocol, *grid)
     return redact(doc, plan.get("machine_paths", {}))
-
-
-def redact(obj: Any, paths: dict[str, str]) -> Any:
-    """``obj`` with every string's occurrence of a path in ``paths`` (the dataset folder as given and
-    resolved, a decoded-image cache) replaced by its placeholder: the committed results name no
-    folder of the machine that made them."""
-    if isinstance(obj, str):
-        for path, name in paths.items():
-            obj = obj.replace(path, name)
-        return obj
-    if isinstance(obj, dict):
-        return {k: redact(v, paths) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact(v, paths) for v in obj]
-    return obj
 
 
 def write_outputs(out: Path, doc: dict) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["git_commit", "cpu_model", "cpu_flags", "machine_info", "run_metadata"]
+__all__ = ["git_commit", "cpu_model", "cpu_flags", "machine_info", "redact", "run_metadata"]
 
 #: the CPU features that decide which bf16 / vector kernels a CPU run gets
 _FLAG_PREFIXES = ("avx512_bf16", "amx", "avx512f", "avx2")
@@ -92,3 +92,18 @@ def run_metadata(command: Sequence[str] | None = None, device: str | None = None
         "machine": machine_info(device),
         "command": shlex.join(argv),
     }
+
+
+def redact(obj: Any, paths: dict[str, str]) -> Any:
+    """``obj`` (nested dicts, lists, strings) with every string's occurrence of a path in ``paths``
+    (a dataset folder as given and resolved, a decoded-image cache, a temporary run folder) replaced
+    by its placeholder: committed results name no folder of the machine that made them."""
+    if isinstance(obj, str):
+        for path, name in paths.items():
+            obj = obj.replace(path, name)
+        return obj
+    if isinstance(obj, dict):
+        return {k: redact(v, paths) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, paths) for v in obj]
+    return obj
