@@ -9,6 +9,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from metassl.data import DataConfigError
 from metassl.data.batched_aug import (
     BatchedViewAugment,
     build_batched_ssl_transform,
@@ -331,6 +332,23 @@ def test_bad_parameters_raise_value_error(kwargs, message):
         build_batched_ssl_transform(**args)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"flip_p": 1.5}, "flip_p is a probability"),
+    ({"grayscale_p": -0.1}, "grayscale_p is a probability"),
+    ({"jitter_p": 2.0}, "jitter_p is a probability"),
+    ({"solarize_p": [0.0, 1.2]}, "solarize_p is a probability"),
+    ({"brightness": -0.4}, "jitter strengths"),
+    ({"hue": 0.7}, "hue must be in"),
+    ({"crop_scale_min": 0.0}, "crop scale"),
+])
+def test_per_sample_and_batched_paths_refuse_the_same_strengths(overrides, message):
+    """A bad strength fails at build time with the same one-line error whichever ``data.augment_on``
+    is chosen (the per-sample pipeline used to leave probabilities to torchvision at call time)."""
+    for build in (build_ssl_transform, build_batched_ssl_transform):
+        with pytest.raises(DataConfigError, match=message):
+            build("simclr", 32, MEAN, STD, overrides=overrides)
+
+
 def test_none_augmentation_is_the_eval_transform():
     for stored in (32, 48):
         images = _images(6, stored)
@@ -390,7 +408,7 @@ def test_build_data_on_device_yields_uint8_items_and_batched_views():
 
 
 def test_masks_need_the_per_sample_path():
-    from metassl.data import DataConfigError, build_data
+    from metassl.data import build_data
 
     with pytest.raises(DataConfigError, match="augment_on=loader"):
         build_data(_builtin(augment_on="device", return_mask=True))

@@ -49,14 +49,14 @@ def check_images(images: Any) -> None:
                          "stack CHW RGB images along a new first dimension")
 
 
-def _uniform(shape: tuple[int, ...], lo: float, hi: float, generator, dtype=torch.float64) -> torch.Tensor:
+def uniform_draws(shape: tuple[int, ...], lo: float, hi: float, generator, dtype=torch.float64) -> torch.Tensor:
     device = generator.device if generator is not None else "cpu"
     return torch.rand(shape, generator=generator, device=device, dtype=dtype).mul_(hi - lo).add_(lo)
 
 
-def _bernoulli(n: int, p: float, generator) -> torch.Tensor:
+def bernoulli_draws(n: int, p: float, generator) -> torch.Tensor:
     """Bits that are True with probability ``p`` (``rand < p``, as RandomApply)."""
-    return _uniform((n,), 0.0, 1.0, generator) < p
+    return uniform_draws((n,), 0.0, 1.0, generator) < p
 
 
 # ----------------------------------------------------------------------------- crop + flip
@@ -72,15 +72,15 @@ def sample_crop_boxes(
     (torchvision's rule), else the same central-crop fallback.
     """
     shape = (batch_size, CROP_TRIES)
-    area = _uniform(shape, scale[0], scale[1], generator) * (height * width)
-    aspect = torch.exp(_uniform(shape, math.log(ratio[0]), math.log(ratio[1]), generator))
+    area = uniform_draws(shape, scale[0], scale[1], generator) * (height * width)
+    aspect = torch.exp(uniform_draws(shape, math.log(ratio[0]), math.log(ratio[1]), generator))
     w = torch.round(torch.sqrt(area * aspect)).long()
     h = torch.round(torch.sqrt(area / aspect)).long()
     valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = valid.long().argmax(dim=1, keepdim=True)  # index of the first True (0 if none)
     h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
-    top = (_uniform((batch_size,), 0.0, 1.0, generator) * (height - h + 1)).long()
-    left = (_uniform((batch_size,), 0.0, 1.0, generator) * (width - w + 1)).long()
+    top = (uniform_draws((batch_size,), 0.0, 1.0, generator) * (height - h + 1)).long()
+    left = (uniform_draws((batch_size,), 0.0, 1.0, generator) * (width - w + 1)).long()
     fb_h, fb_w = _central_fallback(height, width, ratio)
     found = valid.any(dim=1)
     h, w = torch.where(found, h, fb_h), torch.where(found, w, fb_w)
@@ -182,7 +182,7 @@ def gaussian_blur_batch(img: torch.Tensor, sigma: torch.Tensor, kernel_size: int
     return x.view(n, c, h, w)
 
 
-def _blur_where(img: torch.Tensor, blur: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def blur_where(img: torch.Tensor, blur: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     sel = blur.nonzero().squeeze(1)
     if not sel.numel():
         return img
@@ -208,7 +208,7 @@ def normalize_batch(img: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     return torch.addcmul(shift.to(img.device), img, scale.to(img.device))
 
 
-def _check_norm(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def check_normalization(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got {len(mean)} and {len(std)}")
     if min(float(s) for s in std) <= 0:
@@ -221,7 +221,7 @@ def to_model_input(img: torch.Tensor, mean, std, color_space: str = "rgb") -> to
     return rgb_to_lab_normalized(img) if color_space == "lab" else normalize_batch(img, mean, std)
 
 
-def _check_size(image_size: Any) -> int:
+def check_image_size(image_size: Any) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     return image_size

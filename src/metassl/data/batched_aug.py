@@ -39,12 +39,11 @@ from torchvision.transforms.v2 import functional as TF
 
 from .batch_ops import (  # the stages, also re-exported from here
     JITTER_KEYS,
-    _bernoulli,
-    _blur_where,
-    _check_norm,
-    _check_size,
-    _uniform,
+    bernoulli_draws,
+    blur_where,
+    check_image_size,
     check_images,
+    check_normalization,
     color_jitter_batch,
     crop_resize,
     flip_where,
@@ -55,14 +54,15 @@ from .batch_ops import (  # the stages, also re-exported from here
     sample_crop_boxes,
     solarize_where,
     to_model_input,
+    uniform_draws,
 )
 from .config import check_color_options
 from .errors import DataConfigError
 from .lab import BatchedSplitLabViews
 from .transforms import (
-    _per_view,
+    per_view_value,
     blur_kernel_size,
-    check_crop_and_blur,
+    check_view_strengths,
     resolve_augmentation,
 )
 
@@ -81,26 +81,19 @@ class BatchedViewAugment:
     """One augmented view for a whole uint8 batch, from the strengths ``build_view_transform`` takes."""
 
     def __init__(self, params: Mapping[str, Any], view: int, image_size: int, mean, std, color_space: str = "rgb"):
-        self.image_size = _check_size(image_size)
-        self.mean, self.std = _check_norm(mean, std)
+        self.image_size = check_image_size(image_size)
+        self.mean, self.std = check_normalization(mean, std)
         check_color_options(color_space, "full")
         self.color_space = color_space
-        p = {k: _per_view(v, view) for k, v in params.items()}
+        p = {k: per_view_value(v, view) for k, v in params.items()}
         self.p = p
-        check_crop_and_blur(p)
-        for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            if not 0 <= p[key] <= 1:
-                raise DataConfigError(f"{key} is a probability in [0, 1], got {p[key]}")
-        if not 0.0 <= p["hue"] <= 0.5:
-            raise DataConfigError(f"hue must be in [0, 0.5], got {p['hue']}")
-        if min(p[k] for k in JITTER_KEYS) < 0:
-            raise DataConfigError(f"jitter strengths must be >= 0, got {[p[k] for k in JITTER_KEYS]}")
+        check_view_strengths(p)
         self.enabled = tuple(i for i, k in enumerate(JITTER_KEYS) if p[k] > 0) if p["jitter_p"] > 0 else ()
         self.kernel_size = blur_kernel_size(self.image_size)
 
     def _factors(self, n: int, generator) -> torch.Tensor:
         """(n, 4) factors with ColorJitterFast's distributions (1 / 0 for a disabled op)."""
-        u = _uniform((n, 4), 0.0, 1.0, generator)
+        u = uniform_draws((n, 4), 0.0, 1.0, generator)
         cols = []
         for i, key in enumerate(JITTER_KEYS[:3]):
             s = self.p[key]
@@ -115,14 +108,14 @@ class BatchedViewAugment:
         jitter ``factors`` (B, 4) and ``order`` (B, 4); blur ``sigma``."""
         p, n = self.p, batch_size
         params = sample_crop_boxes(n, height, width, (p["crop_scale_min"], p["crop_scale_max"]), generator)
-        params["flip"] = _bernoulli(n, p["flip_p"], generator)
-        params["jitter"] = _bernoulli(n, p["jitter_p"], generator) & bool(self.enabled)
+        params["flip"] = bernoulli_draws(n, p["flip_p"], generator)
+        params["jitter"] = bernoulli_draws(n, p["jitter_p"], generator) & bool(self.enabled)
         params["factors"] = self._factors(n, generator)
-        params["order"] = _uniform((n, 4), 0.0, 1.0, generator).argsort(dim=1)
-        params["gray"] = _bernoulli(n, p["grayscale_p"], generator)
-        params["blur"] = _bernoulli(n, p["blur_p"], generator)
-        params["sigma"] = _uniform((n,), p["blur_sigma_min"], p["blur_sigma_max"], generator).float()
-        params["solarize"] = _bernoulli(n, p["solarize_p"], generator)
+        params["order"] = uniform_draws((n, 4), 0.0, 1.0, generator).argsort(dim=1)
+        params["gray"] = bernoulli_draws(n, p["grayscale_p"], generator)
+        params["blur"] = bernoulli_draws(n, p["blur_p"], generator)
+        params["sigma"] = uniform_draws((n,), p["blur_sigma_min"], p["blur_sigma_max"], generator).float()
+        params["solarize"] = bernoulli_draws(n, p["solarize_p"], generator)
         return {k: v.to(device) for k, v in params.items()} if device is not None else params
 
     def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -135,7 +128,7 @@ class BatchedViewAugment:
         if self.p["grayscale_p"] > 0:
             x = grayscale_where(x, params["gray"])
         if self.p["blur_p"] > 0:
-            x = _blur_where(x, params["blur"], params["sigma"], self.kernel_size)
+            x = blur_where(x, params["blur"], params["sigma"], self.kernel_size)
         if self.p["solarize_p"] > 0:
             x = solarize_where(x, params["solarize"])
         return to_model_input(x, self.mean, self.std, self.color_space)
@@ -153,8 +146,8 @@ class BatchedEvalView:
     """The eval transform for a batch: (resize + centre crop if sizes differ), scale, normalise."""
 
     def __init__(self, image_size: int, mean, std, color_space: str = "rgb"):
-        self.image_size = _check_size(image_size)
-        self.mean, self.std = _check_norm(mean, std)
+        self.image_size = check_image_size(image_size)
+        self.mean, self.std = check_normalization(mean, std)
         check_color_options(color_space, "full")
         self.color_space = color_space
 

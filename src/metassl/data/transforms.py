@@ -246,7 +246,7 @@ def augmentation_for(method_name: str) -> str:
     return get_method_class(method_name).augmentation
 
 
-def _per_view(value: Any, i: int) -> float:
+def per_view_value(value: Any, i: int) -> float:
     if isinstance(value, (list, tuple)):
         return float(value[i % len(value)])
     return float(value)
@@ -289,9 +289,19 @@ def model_input_op(mean, std, color_space: str = "rgb") -> v2.Transform:
     return ScaleNormalize(mean, std)
 
 
-def check_crop_and_blur(p: Mapping[str, float]) -> None:
-    """One DataConfigError for a crop-scale range or (with blur on) a sigma range out of order:
-    the checks every view pipeline, per sample or batched, makes on its resolved strengths."""
+def check_view_strengths(p: Mapping[str, float]) -> None:
+    """One DataConfigError for resolved strengths no view pipeline can apply: a probability outside
+    [0, 1], a negative jitter strength, a hue beyond 0.5, a crop-scale range or (with blur on) a
+    sigma range out of order.  Both the per-sample and the batched pipelines call it, so a bad
+    value fails the same way whichever ``data.augment_on`` is chosen."""
+    for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        if not 0 <= p[key] <= 1:
+            raise DataConfigError(f"data.aug.{key} is a probability in [0, 1], got {p[key]}")
+    strengths = {k: p[k] for k in ("brightness", "contrast", "saturation", "hue")}
+    if min(strengths.values()) < 0:
+        raise DataConfigError(f"jitter strengths must be >= 0, got {strengths}")
+    if p["hue"] > 0.5:
+        raise DataConfigError(f"data.aug.hue must be in [0, 0.5], got {p['hue']}")
     lo, hi = p["crop_scale_min"], p["crop_scale_max"]
     if not 0 < lo <= hi <= 1:
         raise DataConfigError(f"crop scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
@@ -304,8 +314,8 @@ def build_view_transform(
     params: Mapping[str, Any], view: int, image_size: int, mean, std, color_space: str = "rgb"
 ) -> v2.Compose:
     """The augmentation pipeline of view number ``view`` from resolved strengths."""
-    p = {k: _per_view(v, view) for k, v in params.items()}
-    check_crop_and_blur(p)
+    p = {k: per_view_value(v, view) for k, v in params.items()}
+    check_view_strengths(p)
     lo, hi = p["crop_scale_min"], p["crop_scale_max"]
     ops: list[Any] = [v2.RandomResizedCrop(image_size, scale=(lo, hi), antialias=True)]
     if p["flip_p"] > 0:
