@@ -12,6 +12,7 @@ from metassl.bench.accuracy import (
     PROTOCOLS,
     Cell,
     Protocol,
+    cell_numbers,
     mean_std,
     paired_differences,
     paired_summary,
@@ -84,6 +85,15 @@ def test_protocol_overrides_pairing_and_registry():
     assert "trainer.deterministic=true" not in gpu
     assert all(a["note"] == "published, not measured here" for a in PROTOCOLS["gpu_cifar10"].anchors)
     assert PROTOCOLS["gpu_cifar10"].epochs == 800
+
+
+def test_images_per_s_is_all_images_over_all_seconds():
+    """Two epochs of 1,000 images at 100 and 400 images/s took 12.5 s: 160 images/s, not their
+    arithmetic mean 250 (a pause in one epoch must count with the time it cost)."""
+    curve = [{"epoch": 1, "images_per_s": 100.0}, {"epoch": 2, "images_per_s": 400.0}, {"epoch": 3}]
+    row = cell_numbers({"knn_top1": 0.5}, curve, 20.0, PROTOCOLS["smoke"])
+    assert row["images_per_s"] == pytest.approx(2000 / 12.5)
+    assert cell_numbers({}, [{"epoch": 1}], None, PROTOCOLS["smoke"])["images_per_s"] is None
 
 
 def test_stale_run_folder_is_kept_aside(tmp_path):

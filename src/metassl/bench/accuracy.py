@@ -158,7 +158,9 @@ def cell_numbers(summary: dict, curve: list[dict], wall_s: float | None, protoco
     return {"status": "done", **{k: summary.get(k) for k in keep},
             "knn_extra": {extra_name(k, t): summary.get(knn_key(k, t)) for k, t in protocol.knn_extra},
             "linear": {k: v for k, v in summary.items() if k.startswith("linear_")} or None,
-            "images_per_s": statistics.fmean(speeds) if speeds else None,
+            # harmonic mean: epochs of equal size, so this is all images over all training seconds (an
+            # arithmetic mean of rates would let one fast epoch hide a slow one)
+            "images_per_s": statistics.harmonic_mean(speeds) if speeds else None,
             "wall_s": wall_s, "curve": curve, "summary": summary}
 
 
