@@ -246,4 +246,34 @@ def test_each_run_records_its_machine_and_a_mixed_table_says_so(sittings):
                             "c": {"status": "done", "machine": slow}, "d": {"status": "failed"}})
     assert "several machines" in mixed[1]
     assert mixed[3:] == ["- X (avx2, avx512_bf16), 2 cores: 1 run", "- X (avx2), 2 cores: 2 runs"]
+    assert machines_lines({"a": {"status": "done", "machine": {**slow, "threads": 1}}}) == [
+        "", "Trained on: X (avx2), 2 cores, 1 thread per run."]
     assert machines_lines({"a": {"status": "done"}}) == ["", "Trained on: not recorded."]
+
+
+def test_jobs_train_cells_at_once_with_the_same_numbers(sittings, tmp_path, monkeypatch):
+    """--jobs 2: the two cells of seed 0 train at the same time, each with its thread share, and end
+    at exactly the numbers of the one-at-a-time sitting (same threads, deterministic smoke runs)."""
+    import threading
+    import time
+
+    spans, plain, lock = {}, accuracy.run_cell, threading.Lock()
+
+    def timed(overrides, folder, threads=None):
+        start = time.monotonic()
+        outcome = plain(overrides, folder, threads)
+        with lock:
+            spans[folder.name] = (start, time.monotonic(), threads)
+        return outcome
+
+    monkeypatch.setattr(accuracy, "run_cell", timed)
+    argv = [*SMOKE, "--seeds", "0", *_folders(tmp_path), "--jobs", "2"]
+    assert accuracy.main(argv) == 0
+    (a0, a1, ta), (b0, b1, tb) = spans["simclr-none-s0"], spans["simclr-mrcl-s0"]
+    assert max(a0, b0) < min(a1, b1), "the two cells did not overlap"
+    assert ta == tb == 1  # OMP_NUM_THREADS=1 (the module's fixture) is each job's share
+    doc, seq = json.loads((tmp_path / "out" / "results.json").read_text()), sittings["last"]["doc"]
+    for key in ("simclr-none-s0", "simclr-mrcl-s0"):
+        assert doc["cells"][key]["knn_top1"] == seq["cells"][key]["knn_top1"]
+        assert doc["cells"][key]["machine"]["threads"] == 1
+    assert accuracy.main([*SMOKE, "--seeds", "0", *_folders(tmp_path), "--jobs", "0"]) == 2

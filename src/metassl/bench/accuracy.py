@@ -5,7 +5,8 @@ own run folder with ``resume=auto`` (an interrupted run continues from its last 
 finished cell (``summary.json`` there, and the command recorded beside it equal to this cell's) is
 read back, not rerun; so is a cell whose raw record ``<out>/runs/<cell>.json`` (committed by an
 earlier sitting on another checkout or machine) was made by the same overrides, so a table grows
-across sittings even where the run folders are gone.  Runs are ordered seed by seed (base, then each regularizer), and
+across sittings even where the run folders are gone.  Runs are ordered seed by seed (base, then each
+regularizer; ``--jobs N`` trains N at once, each with its share of the cores), and
 ``<out>/results.json``, ``<out>/runs/<cell>.json`` and ``<out>/table.md`` are rewritten after every
 run; ``knn_curves.png`` and ``paired_differences.png`` at the end of a sitting.
 
@@ -13,14 +14,17 @@ Usage::
 
     metassl bench accuracy --protocol cpu_cifar --data-root PATH --methods simclr --regularizers none,metamask --seeds 0,1,2
     metassl bench accuracy --protocol gpu_cifar10 --data-root PATH --epochs 200 --max-runs 2
+    metassl bench accuracy --protocol cpu_cifar --data-root PATH --methods simclr,barlow_twins --jobs 2
     metassl bench accuracy --protocol smoke --regularizers none,mrcl --seeds 0,1 --no-run
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -84,21 +88,25 @@ def set_aside_stale(folder: Path, overrides: list[str]) -> Path | None:
     return target
 
 
-def run_cell(overrides: list[str], folder: Path) -> dict:
+def run_cell(overrides: list[str], folder: Path, threads: int | None = None) -> dict:
     """Train one cell in a subprocess (stdout/stderr appended to logs in its folder); an error
-    record with the last 3 stderr lines if it fails."""
+    record with the last 3 stderr lines if it fails.  ``threads``: the subprocess's CPU threads
+    (``OMP_NUM_THREADS``), recorded beside the machine; None = the inherited environment."""
     from metassl.bench.metadata import git_commit, machine_info
 
     folder.mkdir(parents=True, exist_ok=True)
     record = _cell_record(folder)
     info = machine_info()
-    where = {"machine": {k: info[k] for k in ("cpu", "cpu_flags", "cores", "gpu")}, "commit": git_commit()}
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    machine = {k: info[k] for k in ("cpu", "cpu_flags", "cores", "gpu")}
+    machine["threads"] = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or info["torch_threads"]
+    where = {"machine": machine, "commit": git_commit()}
     (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": record.get("wall_s", 0.0), **where}, indent=1))
     start = time.perf_counter()
     with open(folder / "bench_stdout.log", "a") as out, open(folder / "bench_stderr.log", "a") as err:
         err.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(train_command(overrides))}\n")
         err.flush()
-        proc = subprocess.run(train_command(overrides), check=False, stdout=out, stderr=err)
+        proc = subprocess.run(train_command(overrides), check=False, stdout=out, stderr=err, env=env)
     wall = record.get("wall_s", 0.0) + time.perf_counter() - start
     (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": round(wall, 1), **where}, indent=1))
     if proc.returncode != 0 or not (folder / "summary.json").is_file():
@@ -188,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", help="run folders (default runs/bench-accuracy/<protocol>)")
     ap.add_argument("--extra", action="append", nargs="+", default=[], help="further key=value overrides for every run")
     ap.add_argument("--max-runs", type=int, help="stop after N newly trained runs")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="cells trained at once, each with cores/N CPU threads (or OMP_NUM_THREADS if set); small "
+                         "models on few cores often train more images/s in all as several 1-thread runs")
     ap.add_argument("--no-run", action="store_true", help="read back finished runs and rewrite the outputs only")
     ap.add_argument("--plots-only", action="store_true", help="redraw the PNGs from <out>/results.json")
     return ap
@@ -231,9 +242,11 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     extras = [item for group in args.extra for item in group]
     if bad := [e for e in extras if "=" not in e]:
         raise BenchError(f"--extra {' '.join(bad)}: each item must be key=value, e.g. optimizer.lr=0.5")
-    for flag in ("epochs", "train_subset", "max_runs"):
+    for flag in ("epochs", "train_subset", "max_runs", "jobs"):
         if getattr(args, flag) is not None and getattr(args, flag) < (0 if flag == "max_runs" else 1):
             raise BenchError(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.jobs < 1:
+        raise BenchError("--jobs must be a positive integer")
     budget = {"epochs": args.epochs or protocol.epochs, "train_subset": args.train_subset or protocol.train_subset}
     base = protocol.train_overrides(data, str(Path(args.data_root).expanduser().resolve()) if args.data_root else None)
     base.append(f"trainer.max_epochs={budget['epochs']}")
@@ -305,38 +318,59 @@ def write_outputs(out: Path, doc: dict) -> None:
     atomic_write_text(out / "table.md", doc["table"])
 
 
+def threads_per_job(jobs: int) -> int | None:
+    """CPU threads of each of ``jobs`` concurrent cells: OMP_NUM_THREADS if set, else the cores this
+    process may use divided among the jobs (None for one job: the environment's default)."""
+    if jobs == 1:
+        return None
+    if os.environ.get("OMP_NUM_THREADS"):
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
 def sitting(plan: dict, args: argparse.Namespace) -> dict:
-    """Read back or train every cell in pairing order, rewriting the outputs after each run."""
+    """Read back every finished cell, then train the others in pairing order (``--jobs`` at once),
+    rewriting the outputs after each run."""
     from metassl.bench.metadata import run_metadata
 
     meta = run_metadata(device=plan["protocol"].device)
     cells: dict[str, dict] = {}
-    trained = 0
     order = run_order(plan["methods"], plan["regularizers"], plan["seeds"])
+    to_train = []
     for i, cell in enumerate(order, 1):
         folder = plan["runs"] / cell.key
         overrides = cell_overrides(plan["base"], cell, folder)
         ident = {"method": cell.method, "regularizer": cell.regularizer, "seed": cell.seed,
                  "command": shlex.join(train_command(overrides)), "run_folder": str(folder), "budget": plan["budget"]}
-        if not is_finished(folder, overrides):
-            if committed := read_committed(plan["out"], cell.key, redact(ident["command"], plan.get("machine_paths", {})),
-                                           plan["protocol"]):
-                cells[cell.key] = {**ident, **committed}
-                continue
-            if args.no_run or (args.max_runs is not None and trained >= args.max_runs):
-                continue
-            if stale := set_aside_stale(folder, overrides):
-                print(f"  {folder} was made by another command: kept as {stale}", file=sys.stderr)
-            print(f"[{i}/{len(order)}] training {cell.key} ...", file=sys.stderr, flush=True)
-            trained += 1
-            outcome = run_cell(overrides, folder)
+        if is_finished(folder, overrides):
+            cells[cell.key] = {**ident, **read_cell(folder, plan["protocol"])}
+        elif committed := read_committed(plan["out"], cell.key, redact(ident["command"], plan.get("machine_paths", {})),
+                                         plan["protocol"]):
+            cells[cell.key] = {**ident, **committed}
+        elif not args.no_run and (args.max_runs is None or len(to_train) < args.max_runs):
+            to_train.append((i, cell, folder, overrides, ident))
+    write_outputs(plan["out"], build_doc(plan, cells, meta))
+    threads = threads_per_job(args.jobs)
+
+    def train(i: int, cell: Cell, folder: Path, overrides: list[str]) -> dict:
+        if stale := set_aside_stale(folder, overrides):
+            print(f"  {folder} was made by another command: kept as {stale}", file=sys.stderr)
+        print(f"[{i}/{len(order)}] training {cell.key} ...", file=sys.stderr, flush=True)
+        return run_cell(overrides, folder, threads)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        running = {pool.submit(train, i, cell, folder, overrides): (cell, folder, ident)
+                   for i, cell, folder, overrides, ident in to_train}
+        for future in concurrent.futures.as_completed(running):  # outputs are written by this thread only
+            cell, folder, ident = running[future]
+            outcome = future.result()
             if outcome["status"] == "failed":
                 cells[cell.key] = {**ident, **outcome}
-                print(f"  failed: {outcome['error']}", file=sys.stderr)
-                write_outputs(plan["out"], build_doc(plan, cells, meta))
-                continue
-        cells[cell.key] = {**ident, **read_cell(folder, plan["protocol"])}
-        write_outputs(plan["out"], build_doc(plan, cells, meta))
+                print(f"  {cell.key} failed: {outcome['error']}", file=sys.stderr)
+            else:
+                cells[cell.key] = {**ident, **read_cell(folder, plan["protocol"])}
+            write_outputs(plan["out"], build_doc(plan, cells, meta))
     doc = build_doc(plan, cells, meta)
     write_outputs(plan["out"], doc)
     return doc

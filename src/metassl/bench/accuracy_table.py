@@ -140,7 +140,9 @@ def machine_name(machine: dict | None) -> str:
     if not machine:
         return "not recorded"
     flags = f" ({', '.join(machine.get('cpu_flags') or [])})" if machine.get("cpu_flags") else ""
-    return f"{machine.get('gpu') or machine.get('cpu')}{flags}, {machine.get('cores')} cores"
+    threads = machine.get("threads")
+    per_run = f", {threads} thread{'s' * (threads != 1)} per run" if threads else ""
+    return f"{machine.get('gpu') or machine.get('cpu')}{flags}, {machine.get('cores')} cores{per_run}"
 
 
 def machines_lines(cells: dict) -> list[str]:
