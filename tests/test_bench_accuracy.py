@@ -200,6 +200,9 @@ def test_rerun_trains_only_the_missing_cell_and_completes(sittings):
     for key in doc["cells"]:
         raw = json.loads((out / "runs" / f"{key}.json").read_text())
         assert raw["summary"]["method"] == "simclr" and raw["curve"]
+    base_folder = str(sittings["base"])  # --out and --runs were absolute: written as <out> and <runs>
+    assert all(base_folder not in p.read_text() for p in [out / "results.json", *(out / "runs").glob("*.json")])
+    assert doc["cells"]["simclr-mrcl-s1"]["run_folder"].startswith("<runs>/")
     for name in ("knn_curves.png", "paired_differences.png"):
         with Image.open(out / name) as image:
             image.load()
@@ -277,3 +280,18 @@ def test_jobs_train_cells_at_once_with_the_same_numbers(sittings, tmp_path, monk
         assert doc["cells"][key]["knn_top1"] == seq["cells"][key]["knn_top1"]
         assert doc["cells"][key]["machine"]["threads"] == 1
     assert accuracy.main([*SMOKE, "--seeds", "0", *_folders(tmp_path), "--jobs", "0"]) == 2
+
+
+def test_where_a_machine_caches_data_names_neither_the_results_nor_the_run(tmp_path):
+    """data.cache_dir (and decode threads) differ between machines but train the same run: the results
+    key and the command identity ignore them; an override that trains differently does not."""
+    def key(*extra):
+        args = accuracy.build_parser().parse_args(["--protocol", "cpu_cifar", "--data", "imagefolder", "--data-root",
+                                                   str(tmp_path), *(["--extra", *extra] if extra else [])])
+        return accuracy.resolve(args)["key"]
+
+    assert key() == key("data.cache_dir=/a") == key("data.cache_dir=/b", "data.decode_workers=2")
+    assert key("optimizer.lr=0.5") == key("optimizer.lr=0.5", "data.cache_dir=/a") != key()
+    same = accuracy.command_identity("py -m metassl.cli train seed=0 data.cache_dir=/a output_dir=/x")
+    assert same == accuracy.command_identity("python -m metassl.cli train seed=0 output_dir=/y")
+    assert same != accuracy.command_identity("python -m metassl.cli train seed=1 output_dir=/y")

@@ -132,3 +132,19 @@ def test_precision_auto_is_the_default_and_valid():
     assert load_config([]).trainer.precision == "auto"
     with pytest.raises(ConfigError, match="choose one of: auto, 32-true"):
         load_config(["trainer.precision=fp8"])
+
+
+def test_protocol_method_values_apply_to_their_pair_only_and_overrides_win():
+    """configs/protocol_method/<protocol>_<method>.yaml is composed for that pair alone; every such
+    file names a real protocol and method and composes; the command line still wins."""
+    assert load_config(["protocol=cpu_cifar"]).method.temperature == 0.2
+    assert load_config(["protocol=cpu_cifar", "method.temperature=0.5"]).method.temperature == 0.5
+    assert load_config([]).method.temperature == 0.5  # the SimCLR preset elsewhere
+    assert "temperature" not in load_config(["protocol=cpu_cifar", "method=barlow_twins"]).method
+    protocols, methods = available_presets("protocol"), available_presets("method")
+    pairs = available_presets("protocol_method")
+    assert pairs
+    for name in pairs:
+        protocol, method = next((p, name[len(p) + 1:]) for p in protocols if name.startswith(p + "_"))
+        assert method in methods, name
+        load_config([f"protocol={protocol}", f"method={method}"])

@@ -138,9 +138,9 @@ def read_cell(folder: Path, protocol: Protocol) -> dict:
 
 
 def command_identity(command: str) -> list[str]:
-    """What makes two cells' commands the same run: the overrides, less the interpreter and the run
-    folder (neither changes what is trained)."""
-    return [tok for tok in shlex.split(command)[1:] if not tok.startswith("output_dir=")]
+    """What makes two cells' commands the same run: the overrides, less the interpreter, the run
+    folder and where the machine caches data (none of them changes what is trained)."""
+    return [tok for tok in shlex.split(command)[1:] if not tok.startswith(("output_dir=", *MACHINE_ONLY_KEYS))]
 
 
 def read_committed(out: Path, key: str, command: str, protocol: Protocol) -> dict | None:
@@ -253,15 +253,24 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     base += [f"data.subset={budget['train_subset']}"] if budget["train_subset"] else []
     planned = planned_config(base + extras)
     key = f"{protocol.name}-{data}-e{budget['epochs']}" + (f"-n{budget['train_subset']}" if budget["train_subset"] else "")
-    key += f"-x{hashlib.sha1(json.dumps(extras).encode()).hexdigest()[:8]}" if extras else ""
+    # the extras name the results folder, less those that only say where this machine keeps things
+    trained = [e for e in extras if not e.startswith(MACHINE_ONLY_KEYS)]
+    key += f"-x{hashlib.sha1(json.dumps(trained).encode()).hexdigest()[:8]}" if trained else ""
     roots = {p: "<data-root>" for p in ([str(Path(args.data_root).expanduser().resolve()), str(args.data_root)] if args.data_root else [])}
     roots.update({e.split("=", 1)[1]: "<cache>" for e in extras if e.startswith("data.cache_dir=") and len(e) > 15})
     roots[sys.executable] = "python"  # the interpreter's folder is the machine's too
+    for flag, name in ((args.out, "<out>"), (args.runs, "<runs>")):  # absolute folders given on the command line
+        if flag and Path(flag).expanduser().is_absolute():
+            roots[str(Path(flag).expanduser())] = name
     return {"protocol": protocol, "data": data, "budget": budget, "extras": extras, "key": key, "base": base + extras, "planned": planned,
             "machine_paths": dict(sorted(roots.items(), key=lambda kv: -len(kv[0]))),
             "methods": methods, "regularizers": regularizers, "seeds": seeds,
             "out": Path(args.out or f"benchmarks/accuracy/{protocol.name}"),
             "runs": Path(args.runs or f"runs/bench-accuracy/{protocol.name}") / key}
+
+
+#: Overrides that change where a run keeps its files, not what it trains: left out of the results key.
+MACHINE_ONLY_KEYS = ("data.cache_dir=", "data.decode_workers=")
 
 
 def planned_config(overrides: list[str]) -> dict[str, Any]:
