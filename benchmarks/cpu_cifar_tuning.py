@@ -43,7 +43,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "t05_loader": (["method.temperature=0.5", "data.augment_on=loader"],
                    "per-sample torchvision views instead of the batched ones (a check that the batched views train as well)"),
     "t02_crop02": (["method.temperature=0.2", "data.aug.crop_scale_min=0.2"], "milder crops (scale 0.2-1 instead of 0.08-1)"),
-    "t02_lr2": (["method.temperature=0.2", "optimizer.lr=2.0"], "twice the LARS learning rate"),
+    "t02_crop02_lr2": (["method.temperature=0.2", "data.aug.crop_scale_min=0.2", "optimizer.lr=2.0"],
+                       "twice the LARS learning rate, on top of the milder crops"),
 }
 
 
