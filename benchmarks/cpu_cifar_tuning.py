@@ -10,6 +10,10 @@ harness's folders: resumable, and committed raw records are read back instead of
 last epoch; the validation split is ``eval.val_fraction`` of the labelled train split) with the test
 kNN beside it for the record, not for the choice.
 
+A variant names only what it changes, on top of the presets as they stood when it trained (each raw
+record keeps ``trained_at_commit``): the first variants ran before the chosen values entered
+``configs/protocol_method/cpu_cifar_simclr.yaml``, so their crops are the data preset's 0.08-1.
+
 Usage::
 
     python benchmarks/cpu_cifar_tuning.py --data-root ~/data/cifar10 --jobs 2
@@ -80,6 +84,7 @@ def variant_rows(names: list[str]) -> list[dict]:
                      "val_mean": statistics.fmean(val) if val else None, "test_mean": statistics.fmean(test) if test else None,
                      "untrained_test_knn": [c.get("knn_top1_init") for c in cells],
                      "train_seconds": [c.get("train_seconds") for c in cells], "images_per_s": [c.get("images_per_s") for c in cells],
+                     "trained_at_commit": sorted({c.get("trained_at_commit") or "?" for c in cells}),
                      "machines": sorted({json.dumps(c.get("machine"), sort_keys=True) for c in cells})})
     return rows
 
@@ -90,17 +95,18 @@ def summary_md(rows: list[dict]) -> str:
              f"Proxy budget: CIFAR-10 ImageFolder, {TRAIN_SUBSET:,} train images (spread over the folder; validation = "
              "10 % of them, labels held out of the kNN bank; self-supervised training sees their pixels), ConvNet 32-64-128-256 (half the protocol's "
              "widths), 8 epochs, batch 256, LARS lr 1.0 warmup-cosine, batched views, kNN k=200 t=0.1 on backbone "
-             "features after the last epoch. Ranked by validation kNN; the test kNN is for the record only.", "",
-             "| variant | overrides | seeds | val kNN last | test kNN last | untrained test kNN | what it tests |",
-             "|---|---|---|---:|---:|---:|---|"]
+             "features after the last epoch, values per seed. Ranked by the mean validation kNN; the test kNN is for the record only.", "",
+             "| variant | overrides | seeds | val kNN last | val mean | test kNN last | test mean | untrained test kNN | what it tests |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in ranked:
         if not r["n"]:
-            lines.append(f"| {r['variant']} | `{' '.join(r['overrides'])}` | — | not run | | | {r['what']} |")
+            lines.append(f"| {r['variant']} | `{' '.join(r['overrides'])}` | — | not run | | | | | {r['what']} |")
             continue
         def fmt(xs):
             return " / ".join(f"{100 * x:.2f}" for x in xs)
         lines.append(f"| {r['variant']} | `{' '.join(r['overrides'])}` | {', '.join(map(str, r['seeds']))} | "
-                     f"{fmt(r['val_knn_last'])} | {fmt(r['test_knn_last'])} | {fmt(r['untrained_test_knn'])} | {r['what']} |")
+                     f"{fmt(r['val_knn_last'])} | {100 * r['val_mean']:.2f} | {fmt(r['test_knn_last'])} | "
+                     f"{100 * r['test_mean']:.2f} | {fmt(r['untrained_test_knn'])} | {r['what']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, code in zip(names, codes):
             if code:
                 print(f"{name}: bench accuracy exited {code}; see runs/cpu_cifar_tuning/{name}.log", file=sys.stderr)
-    rows = variant_rows(names)
+    rows = variant_rows(list(VARIANTS))  # every variant's folder, not only those trained in this call
     meta = run_metadata()
     paths = {p: "<data-root>" for p in [args.data_root] if p}
     paths.update({p: "<cache>" for p in [args.cache_dir] if p})

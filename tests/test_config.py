@@ -141,6 +141,8 @@ def test_protocol_method_values_apply_to_their_pair_only_and_overrides_win():
     assert load_config(["protocol=cpu_cifar", "method.temperature=0.5"]).method.temperature == 0.5
     assert load_config([]).method.temperature == 0.5  # the SimCLR preset elsewhere
     assert "temperature" not in load_config(["protocol=cpu_cifar", "method=barlow_twins"]).method
+    assert load_config(["protocol=cpu_cifar", "data=imagefolder"]).data.aug.crop_scale_min == 0.2
+    assert load_config(["protocol=cpu_cifar", "data=imagefolder", "method=barlow_twins"]).data.aug.crop_scale_min is None
     protocols, methods = available_presets("protocol"), available_presets("method")
     pairs = available_presets("protocol_method")
     assert pairs
