@@ -107,7 +107,7 @@ def test_stale_run_folder_is_kept_aside(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("argv, needle", [
-    (["--protocol", "nope"], "valid: cpu_cifar, gpu_cifar10"),
+    (["--protocol", "nope"], "valid: cpu_cifar, cpu_cifar_paired, gpu_cifar10"),
     (["--protocol", "smoke", "--methods", "simclr,foo"], "valid: barlow_twins"),
     (["--protocol", "smoke", "--regularizers", "none,bar"], "valid: iclmsr, metamask"),
     (["--protocol", "cpu_cifar"], "needs --data-root PATH"),
@@ -295,3 +295,23 @@ def test_where_a_machine_caches_data_names_neither_the_results_nor_the_run(tmp_p
     same = accuracy.command_identity("py -m metassl.cli train seed=0 data.cache_dir=/a output_dir=/x")
     assert same == accuracy.command_identity("python -m metassl.cli train seed=0 output_dir=/y")
     assert same != accuracy.command_identity("python -m metassl.cli train seed=1 output_dir=/y")
+
+
+def test_the_paired_budget_is_cpu_cifar_at_half_width_on_a_train_subset(tmp_path):
+    """protocol cpu_cifar_paired trains what cpu_cifar trains (schedule, batch, views, per-method
+    presets such as SimCLR's temperature) with the ConvNet at half width on 20,000 train images."""
+    from metassl.config import load_config
+
+    def plan(protocol, method):
+        args = accuracy.build_parser().parse_args(["--protocol", protocol, "--data", "imagefolder",
+                                                   "--data-root", str(tmp_path), "--methods", method])
+        return accuracy.resolve(args)
+
+    full, paired = plan("cpu_cifar", "simclr"), plan("cpu_cifar_paired", "simclr")
+    assert paired["budget"] == {"epochs": 8, "train_subset": 20000} and full["budget"]["train_subset"] is None
+    cfg_full, cfg = load_config(full["base"] + ["method=simclr"]), load_config(paired["base"] + ["method=simclr"])
+    assert list(cfg.backbone.widths) == [32, 64, 128, 256] and list(cfg_full.backbone.widths) == [64, 128, 256, 512]
+    assert cfg.data.subset == 20000 and cfg.method.temperature == cfg_full.method.temperature == 0.2
+    for key in ("batch_size", "trainer", "optimizer", "eval"):
+        assert cfg[key] == cfg_full[key], key
+    assert cfg.data.aug == cfg_full.data.aug
