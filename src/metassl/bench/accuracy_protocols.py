@@ -66,7 +66,9 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              description=("CIFAR-10 on CPU (src/metassl/configs/protocol/cpu_cifar.yaml): the 4-block ConvNet with "
                           "widths 64-128-256-512, batch 256, bf16 autocast + channels-last where the CPU has bf16 units, "
                           "views made for the whole batch on the CPU; kNN k=200 t=0.1 each epoch and k=20 t=0.1 at the "
-                          "end, linear probe on frozen features. " + _PAIRING)),
+                          "end, linear probe on frozen features; a method's values for this protocol come from "
+                          "src/metassl/configs/protocol_method/cpu_cifar_<method>.yaml (SimCLR: temperature 0.2, "
+                          "crops at scale 0.2-1, chosen on the validation split). " + _PAIRING)),
     Protocol(name="cpu_cifar_paired", overrides=("protocol=cpu_cifar", "backbone.widths=[32,64,128,256]"),
              data_choices=("cifar10", "imagefolder"), epochs=8, train_subset=20000,
              description=("The paired table's budget on CPU: cpu_cifar (same schedule, batch, views, kNN and probe, the "
