@@ -82,6 +82,14 @@ def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path, monkeypatch, preset):
     assert _load(tmp_path / "b")["global_step"] == KILL_AT
     assert main(tiny(tmp_path / "b", *args, "resume=auto")) == 0
     assert_same_run(tmp_path / "a", tmp_path / "b")
+    # the resumed epoch's images/s covers the batches it trained, timed from the resume, not from zero
+    rate_a, rate_b = (_images_per_s(p)[1] for p in (tmp_path / "a", tmp_path / "b"))
+    assert rate_a / 20 < rate_b < rate_a * 20, (rate_a, rate_b)
+
+
+def _images_per_s(out: Path) -> list[float]:
+    rows = csv.DictReader(open(out / "metrics.csv"))
+    return [float(r["train/images_per_s"]) for r in rows if r.get("train/images_per_s")]
 
 
 CHILD = textwrap.dedent("""

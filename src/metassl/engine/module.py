@@ -221,6 +221,9 @@ class SSLModule(L.LightningModule):
         if self.train_sampler is not None and "sampler" in state:
             self.train_sampler.load_state_dict(state["sampler"])
 
+    def on_train_start(self) -> None:  # resumed mid-epoch, Lightning skips on_train_epoch_start: time from here
+        self._throughput = [time.perf_counter(), 0.0, 0.0]
+
     def on_train_epoch_start(self) -> None:
         self._throughput = [time.perf_counter(), 0.0, 0.0]
 
@@ -235,6 +238,7 @@ class SSLModule(L.LightningModule):
         start, end, images = self._throughput
         if images and end > start:
             self.log("train/images_per_s", images / (end - start), on_step=False, on_epoch=True)
+        self._throughput = [0.0, 0.0, 0.0]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._pending_rng is not None:  # after restoring: the generators as they were when the checkpoint was taken
