@@ -43,6 +43,11 @@ def _losses(out: Path) -> list[tuple[str, str]]:
     return [(r["step"], r["train/loss"]) for r in csv.DictReader(open(out / "metrics.csv")) if r.get("train/loss")]
 
 
+def _images_per_s(out: Path) -> list[float]:
+    rows = csv.DictReader(open(out / "metrics.csv"))
+    return [float(r["train/images_per_s"]) for r in rows if r.get("train/images_per_s")]
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     ca, cb = _load(a), _load(b)
     assert ca["global_step"] == cb["global_step"] == 6
@@ -85,11 +90,6 @@ def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path, monkeypatch, preset):
     # the resumed epoch's images/s covers the batches it trained, timed from the resume, not from zero
     rate_a, rate_b = (_images_per_s(p)[1] for p in (tmp_path / "a", tmp_path / "b"))
     assert rate_a / 20 < rate_b < rate_a * 20, (rate_a, rate_b)
-
-
-def _images_per_s(out: Path) -> list[float]:
-    rows = csv.DictReader(open(out / "metrics.csv"))
-    return [float(r["train/images_per_s"]) for r in rows if r.get("train/images_per_s")]
 
 
 CHILD = textwrap.dedent("""

@@ -238,7 +238,6 @@ class SSLModule(L.LightningModule):
         start, end, images = self._throughput
         if images and end > start:
             self.log("train/images_per_s", images / (end - start), on_step=False, on_epoch=True)
-        self._throughput = [0.0, 0.0, 0.0]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._pending_rng is not None:  # after restoring: the generators as they were when the checkpoint was taken
