@@ -105,6 +105,26 @@ def test_stale_run_folder_is_kept_aside(tmp_path):
     assert moved is not None and (moved / "bench_accuracy_cell.json").is_file() and not folder.exists()
 
 
+def test_a_running_cell_notes_its_wall_time_so_a_killed_sitting_keeps_it(tmp_path, monkeypatch):
+    """The cell file's wall seconds grow while the training runs (a sitting killed mid-run keeps
+    them for the next one), and add up over attempts."""
+    from metassl.bench import accuracy_cells
+
+    folder = tmp_path / "cell"
+    cell_file = folder / "bench_accuracy_cell.json"
+    # a stand-in training that waits, prints what the cell file says meanwhile, and fails
+    child = f"import json, time; time.sleep(1.5); print(json.load(open({str(cell_file)!r}))['wall_s']); raise SystemExit(3)"
+    monkeypatch.setattr(accuracy_cells, "train_command", lambda overrides: [sys.executable, "-c", child])
+    monkeypatch.setattr(accuracy_cells, "WALL_NOTE_EVERY_S", 0.2)
+    first = accuracy_cells.run_cell(["seed=0"], folder)
+    assert first["status"] == "failed" and first["wall_s"] >= 1.5
+    noted = float((folder / "bench_stdout.log").read_text().split()[-1])
+    assert 0.2 <= noted < first["wall_s"]  # written while the child ran, before it ended
+    second = accuracy_cells.run_cell(["seed=0"], folder)
+    assert second["wall_s"] >= first["wall_s"] + 1.5
+    assert json.loads(cell_file.read_text())["wall_s"] == second["wall_s"]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("argv, needle", [
     (["--protocol", "nope"], "valid: cpu_cifar, cpu_cifar_paired, gpu_cifar10"),

@@ -66,12 +66,14 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert sa[key] == sb[key], key
 
 
-def _crash_at(monkeypatch, step: int) -> None:
+def _crash_at(monkeypatch, step: int, pause_s: float = 0.0) -> None:
+    """Raise at ``step``; each step before it first sleeps ``pause_s`` (a slow first process)."""
     original = SSLModule.training_step
 
     def training_step(self, batch, batch_idx):
         if self.global_step == step:
             raise RuntimeError("simulated kill")
+        time.sleep(pause_s)
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(SSLModule, "training_step", training_step)
@@ -82,14 +84,19 @@ def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path, monkeypatch, preset):
     args = [*DETERMINISTIC, *preset.split()]
     assert main(tiny(tmp_path / "a", *args)) == 0
     with monkeypatch.context() as patch:
-        _crash_at(patch, KILL_AT)
+        _crash_at(patch, KILL_AT, pause_s=1.0)  # >= 4 s before the kill, more than the resumed part takes
         assert main(tiny(tmp_path / "b", *args)) == 1  # an unexpected error: exit 1
-    assert _load(tmp_path / "b")["global_step"] == KILL_AT
+    at_kill = _load(tmp_path / "b")
+    assert at_kill["global_step"] == KILL_AT
     assert main(tiny(tmp_path / "b", *args, "resume=auto")) == 0
     assert_same_run(tmp_path / "a", tmp_path / "b")
     # the resumed epoch's images/s covers the batches it trained, timed from the resume, not from zero
     rate_a, rate_b = (_images_per_s(p)[1] for p in (tmp_path / "a", tmp_path / "b"))
     assert rate_a / 20 < rate_b < rate_a * 20, (rate_a, rate_b)
+    # train_seconds counts the first process's time up to its checkpoint too, not the resumed part only
+    before = at_kill["metassl"]["train_seconds"]
+    resumed = json.loads((tmp_path / "b" / "summary.json").read_text())["train_seconds"]
+    assert before >= 4.0 and resumed >= before, (before, resumed)
 
 
 CHILD = textwrap.dedent("""
@@ -139,7 +146,7 @@ def test_default_mode_resume_continues_the_epoch_order(tmp_path, monkeypatch):
     the resumed epoch still trains on the rest of the same permutation: the sampler state is saved."""
     args = ["trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=1"]
     with monkeypatch.context() as patch:
-        _crash_at(patch, KILL_AT)
+        _crash_at(patch, KILL_AT, pause_s=1.0)  # >= 4 s before the kill, more than the resumed part takes
         assert main(tiny(tmp_path / "b", *args)) == 1  # an unexpected error: exit 1
     state = _load(tmp_path / "b")["metassl"]["sampler"]
     assert state["epoch"] == 1 and state["batches_done"] == 1 and not state["seeded"]

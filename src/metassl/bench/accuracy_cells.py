@@ -37,6 +37,7 @@ def train_command(overrides: list[str]) -> list[str]:
 
 
 _CELL_FILE = "bench_accuracy_cell.json"  # in the run folder: the command that made it, wall seconds so far
+WALL_NOTE_EVERY_S = 30.0  # how often a running cell's wall seconds are written to it
 
 
 def _cell_record(folder: Path) -> dict:
@@ -65,6 +66,7 @@ def run_cell(overrides: list[str], folder: Path, threads: int | None = None) -> 
     record with the last 3 stderr lines if it fails.  ``threads``: the subprocess's CPU threads
     (``OMP_NUM_THREADS``), recorded beside the machine; None = the inherited environment."""
     from metassl.bench.metadata import git_commit, machine_info
+    from metassl.data.utils import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     record = _cell_record(folder)
@@ -73,14 +75,25 @@ def run_cell(overrides: list[str], folder: Path, threads: int | None = None) -> 
     machine = {k: info[k] for k in ("cpu", "cpu_flags", "cores", "gpu")}
     machine["threads"] = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or info["torch_threads"]
     where = {"machine": machine, "commit": git_commit()}
-    (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": record.get("wall_s", 0.0), **where}, indent=1))
+    before = record.get("wall_s", 0.0)
+
+    def note(wall: float) -> None:  # the cell file, whole: a sitting killed mid-run keeps its wall time so far
+        atomic_write_text(folder / _CELL_FILE, json.dumps({"overrides": overrides, "wall_s": round(wall, 1), **where}, indent=1))
+
+    note(before)
     start = time.perf_counter()
     with open(folder / "bench_stdout.log", "a") as out, open(folder / "bench_stderr.log", "a") as err:
         err.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(train_command(overrides))}\n")
         err.flush()
-        proc = subprocess.run(train_command(overrides), check=False, stdout=out, stderr=err, env=env)
-    wall = record.get("wall_s", 0.0) + time.perf_counter() - start
-    (folder / _CELL_FILE).write_text(json.dumps({"overrides": overrides, "wall_s": round(wall, 1), **where}, indent=1))
+        proc = subprocess.Popen(train_command(overrides), stdout=out, stderr=err, env=env)
+        while True:
+            try:
+                proc.wait(timeout=WALL_NOTE_EVERY_S)
+                break
+            except subprocess.TimeoutExpired:
+                note(before + time.perf_counter() - start)
+    wall = before + time.perf_counter() - start
+    note(wall)
     if proc.returncode != 0 or not (folder / "summary.json").is_file():
         attempt = (folder / "bench_stderr.log").read_text().rsplit("\n--- ", 1)[-1].splitlines()[1:]  # this attempt's lines
         error = " | ".join([ln for ln in attempt if ln.strip()][-3:]) or f"exit code {proc.returncode}"

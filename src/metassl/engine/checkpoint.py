@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 from omegaconf import OmegaConf
 
 from metassl.config import load_config, validate

@@ -72,6 +72,9 @@ class SSLModule(L.LightningModule):
         self.batch_views: Any = None
         self.batch_clean: Any = None
         self._throughput: list[float] = [0.0, 0.0, 0.0]  # epoch start, last batch end, images this epoch
+        # training seconds of earlier processes of this run (from the checkpoint resumed) and this fit's start
+        self.seconds_before_resume = 0.0
+        self._fit_clock: float | None = None
 
     # -- features --------------------------------------------------------------------------
     def eval_transform(self) -> nn.Module | None:
@@ -125,6 +128,7 @@ class SSLModule(L.LightningModule):
         return optimizers, schedulers
 
     def on_fit_start(self) -> None:
+        self._fit_clock = time.perf_counter()
         if self.cfg["trainer"]["channels_last"]:
             self.method.to(memory_format=torch.channels_last)
 
@@ -205,8 +209,10 @@ class SSLModule(L.LightningModule):
 
     # -- checkpoint state Lightning does not keep -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Random generators, the sampler's place in its epoch and the skipped-step count."""
-        state: dict[str, Any] = {"rng": capture_rng(), "nonfinite": self.nonfinite.state_dict()}
+        """Random generators, the sampler's place in its epoch, the skipped-step count and the training
+        seconds so far (so a resumed run reports the time of the whole run, not of its last process)."""
+        state: dict[str, Any] = {"rng": capture_rng(), "nonfinite": self.nonfinite.state_dict(),
+                                 "train_seconds": self.train_seconds()}
         if self.train_sampler is not None and self._trainer is not None:
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
             state["sampler"] = self.train_sampler.state_dict(done)
@@ -217,9 +223,16 @@ class SSLModule(L.LightningModule):
         if not state:  # a checkpoint older than this state: weights and optimizers only
             return
         self.nonfinite.load_state_dict(state.get("nonfinite", {}))
+        self.seconds_before_resume = float(state.get("train_seconds", 0.0))
         self._pending_rng = state.get("rng")
         if self.train_sampler is not None and "sampler" in state:
             self.train_sampler.load_state_dict(state["sampler"])
+
+    def train_seconds(self) -> float:
+        """Seconds of training behind the current weights: those of the processes before the checkpoint
+        this run resumed from, plus this fit's so far (time lost after an interruption's last
+        checkpoint is not counted: those steps are trained again)."""
+        return self.seconds_before_resume + (time.perf_counter() - self._fit_clock if self._fit_clock else 0.0)
 
     def on_train_start(self) -> None:  # resumed mid-epoch, Lightning skips on_train_epoch_start: time from here
         self._throughput = [time.perf_counter(), 0.0, 0.0]

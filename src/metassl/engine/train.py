@@ -327,7 +327,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt_path)
-    train_seconds = time.perf_counter() - start
+    train_seconds = module.seconds_before_resume + time.perf_counter() - start  # a resumed run: its whole time
     if not trainer.is_global_zero:
         return {}
     return finish_run(cfg, module, trainer, bundle, out, train_seconds, precision=precision, knn_init=knn_init)
