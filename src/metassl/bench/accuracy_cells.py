@@ -40,12 +40,16 @@ _CELL_FILE = "bench_accuracy_cell.json"  # in the run folder: the command that m
 WALL_NOTE_EVERY_S = 30.0  # how often a running cell's wall seconds are written to it
 
 
-def _cell_record(folder: Path) -> dict:
-    path = folder / _CELL_FILE
+def _read_json(path: Path) -> dict:
+    """A JSON file's object; {} when it is missing or unreadable (a half-written or foreign file)."""
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def _cell_record(folder: Path) -> dict:
+    return _read_json(folder / _CELL_FILE)
 
 
 def is_finished(folder: Path, overrides: list[str]) -> bool:
@@ -131,12 +135,8 @@ def command_identity(command: str) -> list[str]:
 def read_committed(out: Path, key: str, command: str, protocol: Protocol) -> dict | None:
     """A cell finished in an earlier sitting elsewhere (another checkout or machine, whose run folder is
     gone): its raw record ``<out>/runs/<key>.json``, when it was made by the same command."""
-    path = out / "runs" / f"{key}.json"
-    try:
-        raw = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not raw or "summary" not in raw or command_identity(raw.get("command", "")) != command_identity(command):
+    raw = _read_json(out / "runs" / f"{key}.json")
+    if "summary" not in raw or command_identity(raw.get("command", "")) != command_identity(command):
         return None
     return {**cell_numbers(raw["summary"], raw["curve"], raw.get("wall_s"), protocol), "from_record": True,
             "machine": raw.get("machine"), "trained_at_commit": raw.get("trained_at_commit")}

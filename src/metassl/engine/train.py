@@ -327,7 +327,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt_path)
-    train_seconds = module.seconds_before_resume + time.perf_counter() - start  # a resumed run: its whole time
+    # a resumed run: its whole time (this clock, not module.train_seconds(): spawn strategies fit in children)
+    train_seconds = module.seconds_before_resume + time.perf_counter() - start
     if not trainer.is_global_zero:
         return {}
     return finish_run(cfg, module, trainer, bundle, out, train_seconds, precision=precision, knn_init=knn_init)
