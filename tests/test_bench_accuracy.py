@@ -255,6 +255,18 @@ def test_committed_records_stand_in_for_lost_run_folders(sittings, tmp_path, mon
     (out / "runs" / "simclr-mrcl-s1.json").write_text(json.dumps(raw))
     with pytest.raises(pytest.fail.Exception, match="retrained"):
         accuracy.main([*SMOKE, "--seeds", "0,1", "--out", str(out), "--runs", str(tmp_path / "gone")])
+    # nor is one trained at a precision other than the one a run resolves to here (precision=auto is
+    # fp32 on one CPU and bf16 on another: a paired difference must not mix them)
+    raw["command"] = raw["command"].replace("seed=7", "seed=1")
+    here = raw["summary"]["precision"]
+    raw["summary"]["precision"] = "16-mixed"  # never what a CPU run resolves to
+    (out / "runs" / "simclr-mrcl-s1.json").write_text(json.dumps(raw))
+    with pytest.raises(pytest.fail.Exception, match="retrained"):
+        accuracy.main([*SMOKE, "--seeds", "0,1", "--out", str(out), "--runs", str(tmp_path / "gone")])
+    raw["summary"]["precision"] = here  # and an explicit trainer.precision=<that one> is the same run as auto
+    raw["command"] = raw["command"].replace("seed=1", f"seed=1 trainer.precision={here}")
+    (out / "runs" / "simclr-mrcl-s1.json").write_text(json.dumps(raw))
+    assert accuracy.main([*SMOKE, "--seeds", "0,1", "--out", str(out), "--runs", str(tmp_path / "gone")]) == 0
 
 
 def test_each_run_records_its_machine_and_a_mixed_table_says_so(sittings):
@@ -315,6 +327,7 @@ def test_where_a_machine_caches_data_names_neither_the_results_nor_the_run(tmp_p
     same = accuracy.command_identity("py -m metassl.cli train seed=0 data.cache_dir=/a output_dir=/x")
     assert same == accuracy.command_identity("python -m metassl.cli train seed=0 output_dir=/y")
     assert same != accuracy.command_identity("python -m metassl.cli train seed=1 output_dir=/y")
+    assert same == accuracy.command_identity("python -m metassl.cli train seed=0 trainer.precision=32-true")
 
 
 def test_the_paired_budget_is_cpu_cifar_at_half_width_on_a_train_subset(tmp_path):
@@ -332,6 +345,9 @@ def test_the_paired_budget_is_cpu_cifar_at_half_width_on_a_train_subset(tmp_path
     cfg_full, cfg = load_config(full["base"] + ["method=simclr"]), load_config(paired["base"] + ["method=simclr"])
     assert list(cfg.backbone.widths) == [32, 64, 128, 256] and list(cfg_full.backbone.widths) == [64, 128, 256, 512]
     assert cfg.data.subset == 20000 and cfg.method.temperature == cfg_full.method.temperature == 0.2
-    for key in ("batch_size", "trainer", "optimizer", "eval"):
+    for key in ("batch_size", "optimizer", "eval"):
         assert cfg[key] == cfg_full[key], key
+    # fp32 on every CPU: its cells are trained over sittings on different machines, bf16 units or not
+    assert cfg.trainer.precision == "32-true" and cfg_full.trainer.precision == "auto"
+    assert {**cfg.trainer, "precision": "auto"} == dict(cfg_full.trainer)
     assert cfg.data.aug == cfg_full.data.aug

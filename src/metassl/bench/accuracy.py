@@ -168,6 +168,15 @@ def planned_config(overrides: list[str]) -> dict[str, Any]:
             "precision": f"{precision} (resolved per run)" if precision == "auto" else precision}
 
 
+def precision_here(overrides: list[str]) -> str:
+    """The precision a run of these overrides resolves to on this machine (``auto`` included)."""
+    from metassl.config import load_config
+    from metassl.engine.precision import resolve_precision
+
+    trainer = load_config(overrides).trainer
+    return resolve_precision(trainer.precision, str(trainer.accelerator), str(trainer.strategy))
+
+
 def _check_out(out: Path, key: str) -> None:
     results = out / "results.json"
     if results.is_file():
@@ -217,6 +226,7 @@ def sitting(plan: dict, args: argparse.Namespace) -> dict:
     cells: dict[str, dict] = {}
     order = run_order(plan["methods"], plan["regularizers"], plan["seeds"])
     to_train = []
+    precision = precision_here(plan["base"])
     for i, cell in enumerate(order, 1):
         folder = plan["runs"] / cell.key
         overrides = cell_overrides(plan["base"], cell, folder)
@@ -225,7 +235,7 @@ def sitting(plan: dict, args: argparse.Namespace) -> dict:
         if is_finished(folder, overrides):
             cells[cell.key] = {**ident, **read_cell(folder, plan["protocol"])}
         elif committed := read_committed(plan["out"], cell.key, redact(ident["command"], plan.get("machine_paths", {})),
-                                         plan["protocol"]):
+                                         plan["protocol"], precision):
             cells[cell.key] = {**ident, **committed}
         elif not args.no_run and (args.max_runs is None or len(to_train) < args.max_runs):
             to_train.append((i, cell, folder, overrides, ident))

@@ -128,15 +128,22 @@ def read_cell(folder: Path, protocol: Protocol) -> dict:
 
 def command_identity(command: str) -> list[str]:
     """What makes two cells' commands the same run: the overrides, less the interpreter, the run
-    folder and where the machine caches data (none of them changes what is trained)."""
-    return [tok for tok in shlex.split(command)[1:] if not tok.startswith(("output_dir=", *MACHINE_ONLY_KEYS))]
+    folder and where the machine caches data (none of them changes what is trained), and less
+    ``trainer.precision``: the precision a run *resolved to* is compared instead (``read_committed``),
+    since ``auto`` means fp32 on one machine and bf16 on another."""
+    return [tok for tok in shlex.split(command)[1:]
+            if not tok.startswith(("output_dir=", "trainer.precision=", *MACHINE_ONLY_KEYS))]
 
 
-def read_committed(out: Path, key: str, command: str, protocol: Protocol) -> dict | None:
+def read_committed(out: Path, key: str, command: str, protocol: Protocol, precision: str) -> dict | None:
     """A cell finished in an earlier sitting elsewhere (another checkout or machine, whose run folder is
-    gone): its raw record ``<out>/runs/<key>.json``, when it was made by the same command."""
+    gone): its raw record ``<out>/runs/<key>.json``, when it was made by the same command and trained at
+    ``precision``, the one a run of that command resolves to on this machine (so no table mixes an
+    fp32 cell from one machine with a bf16 cell of the same seed from another)."""
     raw = _read_json(out / "runs" / f"{key}.json")
     if "summary" not in raw or command_identity(raw.get("command", "")) != command_identity(command):
+        return None
+    if raw["summary"].get("precision") != precision:
         return None
     return {**cell_numbers(raw["summary"], raw["curve"], raw.get("wall_s"), protocol), "from_record": True,
             "machine": raw.get("machine"), "trained_at_commit": raw.get("trained_at_commit")}

@@ -69,10 +69,13 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                           "end, linear probe on frozen features; a method's values for this protocol come from "
                           "src/metassl/configs/protocol_method/cpu_cifar_<method>.yaml (SimCLR: temperature 0.2, "
                           "crops at scale 0.2-1, chosen on the validation split). " + _PAIRING)),
-    Protocol(name="cpu_cifar_paired", overrides=("protocol=cpu_cifar", "backbone.widths=[32,64,128,256]"),
+    Protocol(name="cpu_cifar_paired",
+             overrides=("protocol=cpu_cifar", "backbone.widths=[32,64,128,256]", "trainer.precision=32-true"),
              data_choices=("cifar10", "imagefolder"), epochs=8, train_subset=20000,
              description=("The paired table's budget on CPU: cpu_cifar (same schedule, batch, views, kNN and probe, the "
-                          "same per-method presets) with the ConvNet at half width (32-64-128-256) and 20,000 train "
+                          "same per-method presets) with the ConvNet at half width (32-64-128-256), fp32 on every CPU "
+                          "(the table is filled over several sittings, on whatever machine is at hand, and a paired "
+                          "difference must not compare a bf16 run with an fp32 one), and 20,000 train "
                           "images spread over the folder (validation is eval.val_fraction of them; the test split is "
                           "whole). About 4x cheaper per image than cpu_cifar and 2.5x fewer images, so SimCLR and "
                           "Barlow Twins, each alone and + MetaMask (a meta step at its honest, about 3x cost), 3 seeds, "

@@ -270,9 +270,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(train_loader.sampler, ResumableSampler):
         module.train_sampler = train_loader.sampler
 
+    seconds_before = 0.0  # training seconds of the processes before the checkpoint this run resumes from
     if ckpt_path is not None:
-        resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("global_step", 0))
-        set_aside_metrics(out, before_step=resumed_step)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # scalars only: no full read
+        set_aside_metrics(out, before_step=int(state.get("global_step", 0)))
+        seconds_before = float((state.get("metassl") or {}).get("train_seconds", 0.0))
+        del state
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(module_cfg)))
     # flushed at every logging step: a killed run keeps every row up to its last checkpoint
     loggers: list = [CSVLogger(save_dir=str(out), name="", version="", flush_logs_every_n_steps=1)]
@@ -327,8 +330,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt_path)
-    # a resumed run: its whole time (this clock, not module.train_seconds(): spawn strategies fit in children)
-    train_seconds = module.seconds_before_resume + time.perf_counter() - start
+    # a resumed run: its whole time, from the checkpoint and this clock (not from the module: spawn
+    # strategies load the checkpoint and fit in child processes, this process's module never sees it)
+    train_seconds = seconds_before + time.perf_counter() - start
     if not trainer.is_global_zero:
         return {}
     return finish_run(cfg, module, trainer, bundle, out, train_seconds, precision=precision, knn_init=knn_init)
