@@ -807,3 +807,33 @@ def test_cli_two_process_ddp_smoke(tmp_path, strategy):
     assert summary["steps"] == 3 and summary["batch_size"] == 16
     assert 0.0 <= summary["knn_top1"] <= 1.0
     assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_ddp_spawn_resumed_run_reports_the_time_of_the_whole_run(tmp_path):
+    """Under ``ddp_spawn`` the checkpoint is loaded in the child processes, never in the launching one:
+    the summary of a resumed run must still add the seconds trained before the checkpoint (read from
+    it by the launching process), not report the last process's time alone."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "metassl.cli", "train", "protocol=smoke", "trainer.accelerator=cpu",
+        "trainer.devices=2", "trainer.strategy=ddp_spawn", f"output_dir={out}", "data.num_train=160",
+        "data.num_test=60", "method.proj_hidden_dim=64", "method.proj_output_dim=32", "batch_size=16",
+        "trainer.max_steps=-1", "trainer.max_epochs=1", "resume=auto",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = out / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    first_steps = int(state["global_step"])
+    before = 10_000.0  # stands for a long first process: larger than any time this test takes
+    state["metassl"]["train_seconds"] = before
+    torch.save(state, last)
+    cmd[cmd.index("trainer.max_epochs=1")] = "trainer.max_epochs=2"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["epochs"], summary["steps"]) == (2, 2 * first_steps), summary
+    assert before < summary["train_seconds"] < before + 300
+    resumed = torch.load(last, map_location="cpu", weights_only=False)["metassl"]["train_seconds"]
+    assert before < resumed <= summary["train_seconds"] + 1.0  # the checkpoint's own count agrees

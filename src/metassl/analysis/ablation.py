@@ -165,7 +165,7 @@ def knn_removal(
     g = int(group_size)
     bank_u, query_u = F.normalize(bank.to(dtype), dim=1), F.normalize(query.to(dtype), dim=1)
     bank_y, query_y = bank_y.reshape(-1).long(), query_y.reshape(-1).long()
-    (m, d), n, n_groups = bank_u.shape, query_u.shape[0], len(groups)
+    m, n, n_groups = bank_u.shape[0], query_u.shape[0], len(groups)
     k = min(int(k), m)
     _, bank_scale = _rest_scale(bank_u, g)  # (m, G)
     bank_scale = bank_scale.to(dtype).T.contiguous()  # (G, m)
