@@ -351,3 +351,20 @@ def test_the_paired_budget_is_cpu_cifar_at_half_width_on_a_train_subset(tmp_path
     assert cfg.trainer.precision == "32-true" and cfg_full.trainer.precision == "auto"
     assert {**cfg.trainer, "precision": "auto"} == dict(cfg_full.trainer)
     assert cfg.data.aug == cfg_full.data.aug
+
+
+def test_precision_here_is_what_a_run_resolves_to_and_none_where_none_can_train(tmp_path, monkeypatch):
+    """The precision a committed cell must have trained at: the one a run resolves to here; a GPU
+    protocol on a machine without a GPU cannot train, so its committed records are all read back."""
+    import torch
+
+    from metassl.engine.precision import resolve_precision
+
+    def base(protocol):
+        args = accuracy.build_parser().parse_args(["--protocol", protocol, "--data", "imagefolder", "--data-root", str(tmp_path)])
+        return accuracy.resolve(args)["base"]
+
+    assert accuracy.precision_here(base("cpu_cifar_paired")) == "32-true"
+    assert accuracy.precision_here(base("cpu_cifar")) == resolve_precision("auto", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert accuracy.precision_here(base("gpu_cifar10")) is None

@@ -168,12 +168,18 @@ def planned_config(overrides: list[str]) -> dict[str, Any]:
             "precision": f"{precision} (resolved per run)" if precision == "auto" else precision}
 
 
-def precision_here(overrides: list[str]) -> str:
-    """The precision a run of these overrides resolves to on this machine (``auto`` included)."""
+def precision_here(overrides: list[str]) -> str | None:
+    """The precision a run of these overrides resolves to on this machine (``auto`` included); None
+    where such a run cannot train here (a GPU protocol on a machine without one: its table can
+    still be rewritten from the committed records, whatever precision they trained at)."""
+    import torch
+
     from metassl.config import load_config
     from metassl.engine.precision import resolve_precision
 
     trainer = load_config(overrides).trainer
+    if str(trainer.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        return None
     return resolve_precision(trainer.precision, str(trainer.accelerator), str(trainer.strategy))
 
 

@@ -135,15 +135,15 @@ def command_identity(command: str) -> list[str]:
             if not tok.startswith(("output_dir=", "trainer.precision=", *MACHINE_ONLY_KEYS))]
 
 
-def read_committed(out: Path, key: str, command: str, protocol: Protocol, precision: str) -> dict | None:
+def read_committed(out: Path, key: str, command: str, protocol: Protocol, precision: str | None) -> dict | None:
     """A cell finished in an earlier sitting elsewhere (another checkout or machine, whose run folder is
     gone): its raw record ``<out>/runs/<key>.json``, when it was made by the same command and trained at
     ``precision``, the one a run of that command resolves to on this machine (so no table mixes an
-    fp32 cell from one machine with a bf16 cell of the same seed from another)."""
+    fp32 cell from one machine with a bf16 cell of the same seed from another; None: any)."""
     raw = _read_json(out / "runs" / f"{key}.json")
     if "summary" not in raw or command_identity(raw.get("command", "")) != command_identity(command):
         return None
-    if raw["summary"].get("precision") != precision:
+    if precision is not None and raw["summary"].get("precision") != precision:
         return None
     return {**cell_numbers(raw["summary"], raw["curve"], raw.get("wall_s"), protocol), "from_record": True,
             "machine": raw.get("machine"), "trained_at_commit": raw.get("trained_at_commit")}
