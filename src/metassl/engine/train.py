@@ -362,8 +362,8 @@ def finish_run(cfg: DictConfig, module: SSLModule, trainer: L.Trainer, bundle: D
     last = out / "checkpoints" / "last.ckpt"
     if "spawn" in str(cfg.trainer.strategy) and last.is_file():
         # spawn strategies (ddp_spawn) train in child processes: this process's trainer does not
-        # count their steps (0, or a resumed run's first step), but rank 0 wrote the last
-        # checkpoint (and Lightning copied its weights back)
+        # count their steps, but rank 0 wrote the last checkpoint (and Lightning copied its
+        # weights back)
         state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)  # two scalars: no full read
         steps = int(state.get("global_step", 0))
         epochs = int(state.get("epoch", -1)) + 1  # saved at the end of that (0-based) epoch
