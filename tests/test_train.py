@@ -70,6 +70,21 @@ def test_resume_auto_continues(trained_run, tmp_path, capsys):
     assert steps == set(range(8))
 
 
+def test_extending_a_finished_run_with_limited_epochs_trains_the_new_epochs(tmp_path):
+    """A run of 1 epoch cut to 2 batches, extended to 2 epochs with ``resume=auto``, trains 2 more steps
+    (the restart must not take the limited epoch for an unfinished one, nor skip the new one)."""
+    out = tmp_path / "limited"
+    common = ["train", "protocol=smoke", f"output_dir={out}", "data.num_train=160", "data.num_test=60",
+              "trainer.max_steps=-1", "trainer.limit_train_batches=2", "trainer.checkpoint_every_n_steps=1"]
+    assert main([*common, "trainer.max_epochs=1"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert main([*common, "trainer.max_epochs=2", "resume=auto"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["epochs"] == 2
+    steps = {int(float(r["step"])) for r in csv.DictReader(open(out / "metrics.csv")) if r.get("train/loss")}
+    assert steps == set(range(4))
+
+
 def test_eval_knn_and_linear(trained_run, capsys, tmp_path):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     assert main(["eval", "knn", "--ckpt", str(ckpt), "eval.knn.k=5", "eval.knn.t=1.0"]) == 0
