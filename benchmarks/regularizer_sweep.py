@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,9 +34,14 @@ def read_cell(out: Path, keys: tuple[str, ...]) -> dict:
     last = {}
     for r in rows:  # the last logged value of each regularizer term, to show how much each weighs
         last.update({k: float(r[k]) for k in keys if r.get(k)})
-    return {"knn_top1": summary["knn_top1"], "knn_top1_best_val": summary.get("knn_top1_best_val"),
+    row = {"knn_top1": summary["knn_top1"], "knn_top1_best_val": summary.get("knn_top1_best_val"),
             "val_knn_per_epoch": val, "val_knn_best": max(val) if val else None, "knn_top1_init": summary.get("knn_top1_init"),
             "train_seconds": summary.get("train_seconds"), "last_terms": last, "run_folder": str(out)}
+    mask = out / "mask.json"  # MetaMask: the learnt mask's spread
+    if mask.exists():
+        stats = json.loads(mask.read_text())
+        row["mask"] = {k: stats.get(k) for k in ("mask_mean", "mask_std", "mask_min", "mask_max")}
+    return row
 
 
 def table(results: dict, cells: list[tuple[str, str]]) -> str:
@@ -64,25 +68,31 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", nargs="*", default=[], help="further overrides for the regularized runs, e.g. regularizer.weight_mi=0")
+    ap.add_argument("--common", nargs="*", default=[],
+                    help="overrides for every cell, the base included, e.g. trainer.deterministic=true (paired data order and views)")
     ap.add_argument("--runs", default=None, help="run folders (default runs/bench-sweep-<regularizer>-<param>)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--merge", nargs="*", default=[], help="JSON files of parallel invocations (other values, same base) to fold into --out")
+    ap.add_argument("--no-run", action="store_true", help="only merge and print the table")
     args = ap.parse_args()
     runs = Path(args.runs or f"runs/bench-sweep-{args.regularizer}-{args.param}")
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
     results = doc.get("results", {})
-    common = [f"trainer.max_epochs={args.epochs}"]
+    for other in args.merge:  # finished cells only; the base of a parallel invocation is the same run
+        results.update({k: v for k, v in json.loads(Path(other).read_text()).get("results", {}).items() if "knn_top1" in v and k not in results})
+    common = [f"trainer.max_epochs={args.epochs}", *args.common]
     cells = [("base", "none")] + [(f"{args.param}={v}", args.regularizer) for v in args.values.split(",")]
-    keys = ("train/loss_base", "train/loss_gen", "train/loss_mi", "train/loss_rec", "train/loss_do")
+    keys = ("train/loss_base", "train/loss_gen", "train/loss_mi", "train/loss_rec", "train/loss_do", "train/loss_drr", "train/reg/mask_std")
     meta = run_metadata()
 
     def save() -> None:
         out.write_text(json.dumps({**meta, "method": args.method, "regularizer": args.regularizer, "param": args.param,
-                                   "epochs": args.epochs, "seed": args.seed, "extra": args.extra, "results": results,
+                                   "epochs": args.epochs, "seed": args.seed, "common": args.common, "extra": args.extra, "results": results,
                                    "table": table(results, cells)}, indent=1))
 
     save()
-    for key, reg in cells:
+    for key, reg in [] if args.no_run else cells:
         if "knn_top1" in results.get(key, {}):
             continue
         folder = runs / (f"{args.method}-none-s{args.seed}" if reg == "none" else f"{args.method}-{key.replace('=', '-')}-s{args.seed}")

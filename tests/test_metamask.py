@@ -353,3 +353,27 @@ def test_meta_precision_autocast():
     assert torch.nn.functional.cosine_similarity(low, full, dim=0) > 0.99
     with pytest.raises(ValueError, match="meta_precision"):
         make(grad_mode="finite_difference", meta_precision="autocast")
+
+
+@pytest.mark.parametrize("method", ["barlow_twins", "moco_v2"])
+def test_a_mask_pinned_at_one_leaves_the_real_steps_exactly_the_base_methods(method):
+    """The meta step and the mask's plumbing must not touch the encoder's update: with the mask
+    pinned at 1 (``sigmoid=False``, ``meta_lr=0``) and no redundancy term, three LARS steps of
+    base + MetaMask (second order, virtual step mirrored, every pass run) leave the base method's
+    parameters *bit for bit* where the base method's own steps leave them."""
+    torch.manual_seed(0)
+    base = tiny_method(method).to(DT)
+    m, reg = make(method, dtype=DT, sigmoid=False, meta_lr=0.0, weight_base=1.0, weight_drr=0.0)
+    m.load_state_dict(base.state_dict())
+    opt_base = LARS(list(base.trainable_parameters()), lr=0.3, weight_decay=1e-4)
+    opt = LARS(list(m.trainable_parameters()) + reg.encoder_parameters(), lr=0.3, weight_decay=1e-4)
+    meta_opt, _ = reg.configure_meta_optimizer(10)
+    none = build_regularizer("none", base)
+    for step in range(3):
+        views = [v.to(DT) for v in views_for(seed=10 + step)]
+        training_step(base, none, views, None, opt_base, None)
+        logs = training_step(m, reg, views, None, opt, meta_opt)
+        assert logs["meta/grad_norm"] > 0  # the meta step did run
+    assert torch.equal(reg.mask().detach(), torch.ones_like(reg.mask()))
+    for (name, p), q in zip(base.state_dict().items(), m.state_dict().values()):
+        assert torch.equal(p, q), name
