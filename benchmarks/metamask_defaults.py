@@ -8,10 +8,19 @@ run, so partial results are kept.  The table gives kNN top-1 on the built-in tes
 epoch, the defaults' k/t), the untrained network's kNN, the difference to the base, the wall
 time, and the mask's spread and most suppressed dimensions.
 
+Pairing: by default a base run and its MetaMask run see different data streams (the regularizer's
+own parameters are drawn from the global generator before the loaders are, which shifts every
+later draw), and on the built-in data one stream against another moves a 20-epoch Barlow Twins
+run by 8 points on its own.  ``--extra trainer.deterministic=true`` seeds the data order and each
+sample's views by (seed, epoch, index), so both runs of a pair see the same images and views
+(``benchmarks/metamask_defaults_paired.json``).
+
 Usage::
 
     python benchmarks/metamask_defaults.py                      # all six methods, seed 0
     python benchmarks/metamask_defaults.py --methods simclr,byol --seeds 0,1
+    python benchmarks/metamask_defaults.py --extra trainer.deterministic=true --runs runs/bench-metamask-paired \
+        --out benchmarks/metamask_defaults_paired.json               # paired: same data order and views
     python benchmarks/metamask_defaults.py --extra trainer.max_epochs=5 --out quick.json   # not the defaults
 """
 
