@@ -134,6 +134,23 @@ def test_precision_auto_is_the_default_and_valid():
         load_config(["trainer.precision=fp8"])
 
 
+def test_regularizer_method_values_apply_to_their_pair_only_and_overrides_win():
+    """configs/regularizer_method/<regularizer>_<method>.yaml is composed for that pair alone; every
+    such file names a real regularizer and method and composes; the command line and paper= still win."""
+    pairs = available_presets("regularizer_method")
+    assert "metamask_moco_v2" in pairs
+    assert load_config(["method=moco_v2", "regularizer=metamask"]).regularizer.weight_drr == 0.1
+    assert load_config(["method=moco_v2", "regularizer=metamask", "regularizer.weight_drr=1"]).regularizer.weight_drr == 1
+    assert load_config(["method=simclr", "regularizer=metamask"]).regularizer.weight_drr == 1.0
+    official = load_config(["method=moco_v2", "paper=metamask_cifar10"])
+    assert official.regularizer.weight_drr == 1.0 and official.regularizer.drr_normalize is False
+    regularizers, methods = available_presets("regularizer"), available_presets("method")
+    for name in pairs:
+        reg, method = next((r, name[len(r) + 1:]) for r in regularizers if name.startswith(r + "_"))
+        assert method in methods, name
+        load_config([f"method={method}", f"regularizer={reg}"])
+
+
 def test_protocol_method_values_apply_to_their_pair_only_and_overrides_win():
     """configs/protocol_method/<protocol>_<method>.yaml is composed for that pair alone; every such
     file names a real protocol and method and composes; the command line still wins."""

@@ -19,7 +19,9 @@ they swamp the base loss (``L_drr`` of 2048 dimensions sits near 1,800) and the 
 not move (measured: the built-in demo fell from kNN 0.295 to 0.155, mask in 0.4997–0.5006).
 So the defaults are ``weight_base = 1``, ``L_drr`` divided by its dimension
 (``drr_normalize``), and the mask trained by Adam at 1e-2 (scale-free in the size of the
-meta-gradient, which is tiny at these learning rates).  ``benchmarks/metamask_defaults.json``
+meta-gradient, which is tiny at these learning rates).  One base method has its own value,
+chosen on the validation split: MoCo v2 takes ``weight_drr = 0.1``
+(``configs/regularizer_method/metamask_moco_v2.yaml``).  ``benchmarks/metamask_defaults_paired.json``
 holds the measured table for every base method with and without MetaMask.
 
 Momentum / target methods (MoCo v2, BYOL): the target network sees the *same* mask
