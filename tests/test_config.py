@@ -134,6 +134,18 @@ def test_precision_auto_is_the_default_and_valid():
         load_config(["trainer.precision=fp8"])
 
 
+def _every_pair_preset_composes(group: str) -> None:
+    """Every ``configs/<group>_method/<name>_<method>.yaml`` names a real ``group`` preset and a
+    real method, and the pair composes."""
+    pairs = available_presets(f"{group}_method")
+    assert pairs
+    names, methods = available_presets(group), available_presets("method")
+    for pair in pairs:
+        name, method = next((n, pair[len(n) + 1:]) for n in names if pair.startswith(n + "_"))
+        assert method in methods, pair
+        load_config([f"{group}={name}", f"method={method}"])
+
+
 def test_regularizer_method_values_apply_to_their_pair_only_and_overrides_win():
     """configs/regularizer_method/<regularizer>_<method>.yaml is composed for that pair alone; every
     such file names a real regularizer and method and composes; the command line and paper= still win."""
@@ -144,11 +156,7 @@ def test_regularizer_method_values_apply_to_their_pair_only_and_overrides_win():
     assert load_config(["method=simclr", "regularizer=metamask"]).regularizer.weight_drr == 1.0
     official = load_config(["method=moco_v2", "paper=metamask_cifar10"])
     assert official.regularizer.weight_drr == 1.0 and official.regularizer.drr_normalize is False
-    regularizers, methods = available_presets("regularizer"), available_presets("method")
-    for name in pairs:
-        reg, method = next((r, name[len(r) + 1:]) for r in regularizers if name.startswith(r + "_"))
-        assert method in methods, name
-        load_config([f"method={method}", f"regularizer={reg}"])
+    _every_pair_preset_composes("regularizer")
 
 
 def test_protocol_method_values_apply_to_their_pair_only_and_overrides_win():
@@ -160,10 +168,4 @@ def test_protocol_method_values_apply_to_their_pair_only_and_overrides_win():
     assert "temperature" not in load_config(["protocol=cpu_cifar", "method=barlow_twins"]).method
     assert load_config(["protocol=cpu_cifar", "data=imagefolder"]).data.aug.crop_scale_min == 0.2
     assert load_config(["protocol=cpu_cifar", "data=imagefolder", "method=barlow_twins"]).data.aug.crop_scale_min is None
-    protocols, methods = available_presets("protocol"), available_presets("method")
-    pairs = available_presets("protocol_method")
-    assert pairs
-    for name in pairs:
-        protocol, method = next((p, name[len(p) + 1:]) for p in protocols if name.startswith(p + "_"))
-        assert method in methods, name
-        load_config([f"protocol={protocol}", f"method={method}"])
+    _every_pair_preset_composes("protocol")
